@@ -1,0 +1,381 @@
+"""The math of triadapt.py against values computed by hand (see the comments next to each number)."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from triadapt import (LoRALinear, RankAllocator, TriAdaptLinear, growth_count, inject,
+                      normalized_frobenius, orthogonal_penalty)
+
+
+def layer_with_blocks(blocks, d_in=8, d_out=6, dtype=torch.float32, **kw):
+    torch.manual_seed(0)
+    layer = TriAdaptLinear(nn.Linear(d_in, d_out).to(dtype), rank=blocks[0], **kw)
+    for k in blocks[1:]:
+        layer.grow(k)
+    return layer
+
+
+def randomize(layer, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in layer.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+# ----------------------------------------------------------------------------- the core
+
+def test_core_blocks_1_2_by_hand():
+    layer = layer_with_blocks([1, 2])
+    with torch.no_grad():
+        layer.P[0].copy_(torch.tensor([[1.]]))
+        layer.Q[0].copy_(torch.tensor([[2.]]))
+        layer.P[1].copy_(torch.tensor([[3., 4., 5.], [6., 7., 8.]]))
+        layer.Q[1].copy_(torch.tensor([[1., 2.], [3., 4.], [5., 6.]]))
+    # L = [[1,0,0],[3,4,5],[6,7,8]], U = [[2,1,2],[0,3,4],[0,5,6]]; the diagonal blocks get both.
+    expected = torch.tensor([[3., 1., 2.],
+                             [3., 7., 9.],
+                             [6., 12., 14.]])
+    assert torch.equal(layer.core(), expected)
+    # ||C||_F^2 = (9+1+4) + (9+49+81) + (36+144+196) = 529 = 23^2, so N = 23 / 3.
+    assert normalized_frobenius(layer.core()) == pytest.approx(23 / 3, rel=1e-7)
+
+
+def test_initial_core_is_identity_and_delta_zero():
+    layer = layer_with_blocks([2, 1, 3])
+    assert torch.equal(layer.core(), torch.eye(6))
+    assert torch.count_nonzero(layer.delta_weight()) == 0
+    assert normalized_frobenius(layer.core()) == pytest.approx(1 / math.sqrt(6))
+
+
+def test_delta_weight_by_hand():
+    layer = TriAdaptLinear(nn.Linear(3, 2), rank=2, alpha=4.0, ref_rank=2)  # s = 2
+    with torch.no_grad():
+        layer.A_blocks[0].copy_(torch.tensor([[1., 0., 2.], [0., 1., 1.]]))
+        layer.B_blocks[0].copy_(torch.tensor([[1., 2.], [0., 1.]]))
+        layer.P[0].copy_(torch.tensor([[1., 1.], [0., 2.]]))
+        layer.Q[0].zero_()
+    # C A = [[1,1,3],[0,2,2]]; B C A = [[1,5,7],[0,2,2]]; times s = 2.
+    assert torch.equal(layer.delta_weight(), torch.tensor([[2., 10., 14.], [0., 4., 4.]]))
+    x = torch.tensor([[1., 1., 1.]])
+    assert torch.allclose(layer(x) - layer.base(x), torch.tensor([[26., 8.]]))
+
+
+@pytest.mark.parametrize("blocks,core_params", [
+    ((2,), 8),             # 2 * (2*2)
+    ((1, 2), 14),          # 2 * (1*1 + 2*3)
+    ((1, 4, 4), 114),      # 2 * (1*1 + 4*5 + 4*9), SPEC section 2
+    ((3, 1, 1, 1), 48),    # 2 * (3*3 + 1*4 + 1*5 + 1*6)
+])
+def test_trainable_parameter_count_closed_form(blocks, core_params):
+    d_in, d_out = 16, 12
+    layer = layer_with_blocks(list(blocks), d_in=d_in, d_out=d_out)
+    r = sum(blocks)
+    trainable = sum(p.numel() for p in layer.parameters() if p.requires_grad)
+    assert trainable == r * (d_in + d_out) + core_params
+    assert layer.A.shape == (r, d_in) and layer.B.shape == (d_out, r) and layer.core().shape == (r, r)
+    assert not layer.base.weight.requires_grad and not layer.base.bias.requires_grad
+
+
+# ----------------------------------------------------------------------------- schedules
+
+@pytest.mark.parametrize("p,deficit,linear,exponential", [
+    (0.05, 112, 5, 1),     # SPEC table, t = 145: 112 * 0.05 = 5.6; 112 ** 0.05 = 1.266
+    (0.5, 112, 56, 10),    # t = 550: 112 ** 0.5 = 10.58
+    (1.0, 112, 112, 112),  # t = 1000
+    (0.0, 112, 0, 1),      # first instant: linear asks for none (clamped to 1 later), exponential 1
+    (0.3, 10, 3, 1),       # 10 * 0.3 = 3.0000000000000004; 10 ** 0.3 = 1.995
+    (1 / 3, 1000, 333, 10),  # 1000 ** (1/3) is 9.999999999999998 in floating point
+    (0.75, 16, 12, 8),     # 16 ** 0.75 = 8
+])
+def test_growth_count_table(p, deficit, linear, exponential):
+    assert growth_count("linear", p, deficit) == linear
+    assert growth_count("exponential", p, deficit) == exponential
+    assert growth_count("topk", p, deficit, top_k=3) == 3
+
+
+def test_unknown_schedule_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown schedule 'cosine': choose one of linear, exponential, topk"):
+        growth_count("cosine", 0.5, 10)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        RankAllocator({"a": layer_with_blocks([1])}, total_steps=10, schedule="cosine")
+
+
+# ----------------------------------------------------------------------------- gradients, growth, merge
+
+def test_gradcheck_after_growth_float64():
+    layer = layer_with_blocks([1, 2], d_in=5, d_out=4, dtype=torch.float64)
+    randomize(layer)
+    x = torch.randn(3, 5, dtype=torch.float64)
+    names = [n for n, p in layer.named_parameters() if p.requires_grad]
+    assert len(names) == 8  # A, B, P, Q for each of the two blocks
+    values = tuple(p.detach().clone().requires_grad_(True) for n, p in layer.named_parameters() if p.requires_grad)
+
+    def f(*params):
+        return torch.func.functional_call(layer, dict(zip(names, params)), (x,))
+    assert torch.autograd.gradcheck(f, values)
+
+
+def test_growth_preserves_the_function_exactly():
+    layer = layer_with_blocks([2, 1], d_in=10, d_out=7, dtype=torch.float64)
+    randomize(layer)
+    x = torch.randn(4, 10, dtype=torch.float64)
+    before, dW = layer(x), layer.delta_weight()
+    new = layer.grow(3)
+    assert [p.shape for p in new] == [(3, 10), (7, 3), (3, 6), (6, 3)]
+    assert layer.block_sizes == [2, 1, 3] and layer.rank == 6
+    # dW is bit-identical; the factored output only moves by rounding, because BLAS sums the
+    # longer inner products (now with exact zeros in them) in another order.
+    assert torch.equal(layer.delta_weight(), dW)
+    assert torch.allclose(layer(x), before, rtol=0, atol=1e-12)
+    assert torch.equal(layer.core()[3:, 3:], torch.eye(3, dtype=torch.float64)) and torch.count_nonzero(layer.core()[:3, 3:]) == 0
+
+
+def test_grow_past_the_cap_is_refused():
+    layer = layer_with_blocks([3], d_in=5, d_out=4)
+    with pytest.raises(ValueError, match="cap is min"):
+        layer.grow(2)
+
+
+def test_merge_and_unmerge():
+    layer = layer_with_blocks([2, 2], d_in=6, d_out=5, dtype=torch.float64)
+    randomize(layer)
+    W0 = layer.base.weight.detach().clone()
+    x = torch.randn(3, 6, dtype=torch.float64)
+    unmerged = layer(x)
+    layer.merge()
+    assert layer.merged and torch.allclose(layer.base.weight, W0 + layer.delta_weight(), atol=0)
+    assert torch.allclose(layer(x), unmerged, atol=1e-12)
+    with pytest.raises(RuntimeError):
+        layer.grow(1)
+    layer.unmerge()
+    assert torch.allclose(layer.base.weight, W0, atol=1e-12)
+    assert torch.allclose(layer(x), unmerged, atol=1e-12)
+
+
+def test_every_factor_gets_a_gradient_after_one_step():
+    torch.manual_seed(0)
+    layer = TriAdaptLinear(nn.Linear(8, 8), rank=2)
+    opt = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=1e-2)
+    x, y = torch.randn(16, 8), torch.randn(16, 8)
+
+    def step():
+        opt.zero_grad()
+        ((layer(x) - y) ** 2).mean().backward()
+    step()
+    # At injection only B can move: dW = s B C A with B = 0.
+    assert layer.B_blocks[0].grad.abs().sum() > 0
+    assert layer.A_blocks[0].grad.abs().sum() == 0 and layer.P[0].grad.abs().sum() == 0
+    opt.step()
+    step()
+    for name, p in layer.named_parameters():
+        if p.requires_grad:
+            assert p.grad.abs().sum() > 0, name
+
+
+# ----------------------------------------------------------------------------- inject
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.blocks = nn.ModuleList([nn.ModuleDict({"q": nn.Linear(8, 8), "proj": nn.Linear(8, 8),
+                                                     "out_proj": nn.Linear(8, 8)}) for _ in range(2)])
+        self.norm = nn.LayerNorm(8)
+
+    def forward(self, idx):
+        h = self.emb(idx)
+        for b in self.blocks:
+            h = h + b["out_proj"](torch.relu(b["proj"](b["q"](h))))
+        return self.norm(h).sum(-1)
+
+
+def test_inject_replaces_only_named_linears_and_freezes_the_rest():
+    torch.manual_seed(0)
+    model = Toy()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
+    layers = inject(model, ["q", "proj"], rank=2)
+    assert list(layers) == ["blocks.0.q", "blocks.0.proj", "blocks.1.q", "blocks.1.proj"]
+    assert isinstance(model.blocks[0]["q"], TriAdaptLinear) and isinstance(model.blocks[1]["out_proj"], nn.Linear)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert all(any(k in n for k in ("A_blocks", "B_blocks", ".P.", ".Q.")) for n in trainable)
+    adapter_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    idx = torch.randint(0, 10, (4, 5))
+    for _ in range(3):
+        opt.zero_grad()
+        ((model(idx) - 1.0) ** 2).mean().backward()
+        opt.step()
+    after = dict(model.named_parameters())
+    for n, p in adapter_before.items():
+        assert not torch.equal(after[n], p), n
+    for n, p in frozen.items():
+        n2 = n.replace(".q.", ".q.base.").replace(".proj.", ".proj.base.").replace("out_proj.base.", "out_proj.")
+        assert torch.equal(after[n2], p), n2
+
+
+def test_inject_unknown_target_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="no nn.Linear named fc1; linears in this model: out_proj, proj, q"):
+        inject(Toy(), ["q", "fc1"])
+
+
+def test_lora_baseline_parameter_count():
+    layer = LoRALinear(nn.Linear(16, 12), rank=8, alpha=16.0)
+    assert sum(p.numel() for p in layer.parameters() if p.requires_grad) == 8 * (16 + 12)
+    assert layer.scale == 2.0
+
+
+# ----------------------------------------------------------------------------- orthogonal penalty
+
+def test_orthogonal_penalty_known_values():
+    a = layer_with_blocks([2], d_in=4, d_out=3)
+    with torch.no_grad():
+        a.A_blocks[0].copy_(torch.eye(4)[:2])        # orthonormal rows
+        a.B_blocks[0].copy_(torch.eye(3)[:, :2])     # orthonormal columns
+    assert orthogonal_penalty([a]).item() == 0.0
+    b = layer_with_blocks([2], d_in=4, d_out=3)
+    with torch.no_grad():
+        b.A_blocks[0].copy_(2 * torch.eye(4)[:2])    # A A^T - I = 3 I_2: norm 3 sqrt(2)
+        b.B_blocks[0].zero_()                        # B^T B - I = -I_2: norm sqrt(2)
+    # (1 / (2 * 2)) * (0 + 0 + 3 sqrt(2) + sqrt(2)) = sqrt(2)
+    assert orthogonal_penalty({"a": a, "b": b}).item() == pytest.approx(math.sqrt(2), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- the allocator
+
+def toy_layers(n=3, d=8, rank=1, ref_rank=2):
+    torch.manual_seed(0)
+    return {f"m{i}": TriAdaptLinear(nn.Linear(d, d), rank=rank, ref_rank=ref_rank) for i in range(n)}
+
+
+def set_core_scale(layer, value):
+    """For a single-block layer: every core entry becomes `value`, so N(C) = |value|."""
+    assert len(layer.block_sizes) == 1
+    with torch.no_grad():
+        layer.P[0].fill_(value)
+        layer.Q[0].zero_()
+
+
+def optimizer_for(layers):
+    return torch.optim.SGD([p for l in layers.values() for p in l.parameters() if p.requires_grad], lr=0.1)
+
+
+def test_allocator_defaults_and_initial_norms():
+    layers = toy_layers(n=3, rank=1, ref_rank=4)
+    alloc = RankAllocator(layers, total_steps=100)
+    assert alloc.target_total_rank == 12 and alloc.rank_step == 2 and alloc.total_rank == 3
+    assert alloc.prev == {"m0": 1.0, "m1": 1.0, "m2": 1.0}  # N(I_1) = 1 / sqrt(1)
+
+
+def test_allocator_grows_the_top_scorer_at_the_right_steps():
+    layers = toy_layers(n=3)
+    opt = optimizer_for(layers)
+    alloc = RankAllocator(layers, total_steps=20, target_total_rank=6, schedule="topk", top_k=1,
+                          warmup=4, interval=3, rank_step=1)
+    set_core_scale(layers["m1"], 3.0)
+    for t in range(1, 6):
+        assert alloc.step(t, opt) == [], t  # t <= warmup, or t % interval != 0
+    assert alloc.scores == {}
+    assert alloc.step(6, opt) == ["m1"]
+    assert alloc.scores == pytest.approx({"m0": 0.0, "m1": 2.0, "m2": 0.0})
+    assert alloc.rank_pattern() == {"m0": 1, "m1": 2, "m2": 1}
+    assert alloc.events == [(6, "m1", 1)]
+    # m1's N dropped from 3 to sqrt(9 + 1) / 2 by its new identity block: a negative score next time.
+    set_core_scale(layers["m2"], 2.0)
+    assert alloc.step(7, opt) == [] and alloc.step(9, opt) == ["m2"]
+    assert alloc.scores["m1"] == pytest.approx(math.sqrt(10) / 2 - 3.0)
+
+
+def test_allocator_ties_all_grow_in_layer_order():
+    layers = toy_layers(n=4)
+    opt = optimizer_for(layers)
+    alloc = RankAllocator(layers, total_steps=10, target_total_rank=12, schedule="topk", top_k=1, rank_step=2)
+    set_core_scale(layers["m3"], 2.0)
+    set_core_scale(layers["m1"], 2.0)
+    assert alloc.step(1, opt) == ["m1", "m3"]
+    assert alloc.rank_pattern() == {"m0": 1, "m1": 3, "m2": 1, "m3": 3}
+
+
+def test_allocator_never_exceeds_the_budget_and_grows_partially():
+    layers = toy_layers(n=3)
+    opt = optimizer_for(layers)
+    alloc = RankAllocator(layers, total_steps=10, target_total_rank=6, schedule="topk", top_k=3, rank_step=2)
+    for name, v in (("m0", 4.0), ("m1", 3.0), ("m2", 2.0)):
+        set_core_scale(layers[name], v)
+    # Deficit 3: m0 takes 2, m1 the last 1, m2 nothing.
+    assert alloc.step(1, opt) == ["m0", "m1"]
+    assert alloc.rank_pattern() == {"m0": 3, "m1": 2, "m2": 1} and alloc.total_rank == 6
+    assert alloc.step(2, opt) == []  # budget reached: no round, scores untouched
+    assert alloc.scores["m2"] == pytest.approx(1.0)
+
+
+def test_allocator_linear_schedule_counts():
+    layers = toy_layers(n=6, d=16)
+    opt = optimizer_for(layers)
+    alloc = RankAllocator(layers, total_steps=110, target_total_rank=30, schedule="linear",
+                          warmup=10, interval=10, rank_step=1)
+    for i, name in enumerate(layers):
+        set_core_scale(layers[name], 1.0 + i)  # distinct scores, m5 highest
+    # t = 60: p = 0.5, D = 24, K = 12 clamped to the 6 matrices below their cap: all grow.
+    assert alloc.step(60, opt) == ["m5", "m4", "m3", "m2", "m1", "m0"]
+    for i, name in enumerate(layers):
+        set_core_scale(layers[name], 10.0 - i)  # m0 highest now
+    # t = 30: p = 0.2, D = 18, K = floor(3.6) = 3.
+    assert alloc.step(30, opt) == ["m0", "m1", "m2"]
+
+
+def test_allocator_skips_capped_matrices():
+    layers = toy_layers(n=2)
+    opt = optimizer_for(layers)
+    alloc = RankAllocator(layers, total_steps=10, target_total_rank=8, schedule="topk", top_k=1,
+                          rank_step=1, max_rank=2)
+    set_core_scale(layers["m0"], 5.0)
+    assert alloc.step(1, opt) == ["m0"]
+    set_core_scale(layers["m0"], 50.0)  # highest score, but at its cap of 2
+    assert alloc.step(2, opt) == ["m1"]
+    assert alloc.step(3, opt) == []     # both capped: nothing can grow
+    assert alloc.rank_pattern() == {"m0": 2, "m1": 2}
+
+
+def test_grown_parameters_join_the_optimizer_and_update():
+    torch.manual_seed(0)
+    layers = toy_layers(n=2)
+    opt = torch.optim.AdamW([p for l in layers.values() for p in l.parameters() if p.requires_grad], lr=1e-2)
+    alloc = RankAllocator(layers, total_steps=10, target_total_rank=4, schedule="topk", top_k=1, rank_step=1)
+    set_core_scale(layers["m0"], 2.0)
+    assert alloc.step(1, opt) == ["m0"]
+    new = opt.param_groups[-1]["params"]
+    assert len(opt.param_groups) == 2 and [p.shape for p in new] == [(1, 8), (8, 1), (1, 2), (2, 1)]
+    assert new[0] is layers["m0"].A_blocks[1] and new[1] is layers["m0"].B_blocks[1]
+    before = [p.detach().clone() for p in new]
+    x = torch.randn(16, 8)
+    opt.zero_grad()
+    ((layers["m1"](layers["m0"](x)) - 1.0) ** 2).mean().backward()
+    opt.step()
+    assert not torch.equal(new[1], before[1])  # new column of B: a gradient at once
+
+
+def test_allocator_state_round_trip_rebuilds_shapes_and_groups():
+    layers = toy_layers(n=3)
+    opt = optimizer_for(layers)
+    alloc = RankAllocator(layers, total_steps=10, target_total_rank=8, schedule="topk", top_k=2, rank_step=2)
+    set_core_scale(layers["m2"], 2.0)
+    set_core_scale(layers["m0"], 1.5)
+    alloc.step(1, opt)
+    state = alloc.state_dict()
+    fresh = toy_layers(n=3)
+    opt2 = optimizer_for(fresh)
+    alloc2 = RankAllocator(fresh, total_steps=10, target_total_rank=8, schedule="topk", top_k=2, rank_step=2)
+    alloc2.load_state_dict(state, opt2)
+    assert alloc2.rank_pattern() == alloc.rank_pattern() == {"m0": 3, "m1": 1, "m2": 3}
+    assert [l.block_sizes for l in fresh.values()] == [[1, 2], [1], [1, 2]]
+    assert [[p.shape for p in g["params"]] for g in opt2.param_groups] == \
+        [[p.shape for p in g["params"]] for g in opt.param_groups]
+    assert alloc2.prev == alloc.prev and alloc2.scores == alloc.scores
+
+
+def test_budget_below_initial_rank_is_refused():
+    with pytest.raises(ValueError, match="below the initial total rank 6"):
+        RankAllocator(toy_layers(n=3, rank=2), total_steps=10, target_total_rank=5)
