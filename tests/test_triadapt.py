@@ -251,11 +251,11 @@ def toy_layers(n=3, d=8, rank=1, ref_rank=2):
 
 
 def set_core_scale(layer, value):
-    """For a single-block layer: every core entry becomes `value`, so N(C) = |value|."""
-    assert len(layer.block_sizes) == 1
+    """Fill L with `value` and U with 0: N(C) = |value| for one block, and grows with |value| always."""
     with torch.no_grad():
-        layer.P[0].fill_(value)
-        layer.Q[0].zero_()
+        for P, Q in zip(layer.P, layer.Q):
+            P.fill_(value)
+            Q.zero_()
 
 
 def optimizer_for(layers):
