@@ -1,0 +1,210 @@
+"""train.py end to end on tiny configs: every schedule, bf16 on CPU, exact resume, interrupts, bad input."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "8",
+        "--pretrain-iters", "300", "--iters", "40", "--warmup", "10", "--interval", "5", "--eval-interval", "10",
+        "--eval-iters", "4", "--ref-rank", "4", "--rank-step", "2", "--lr-warmup", "5", "--sample-len", "20"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny base model, pretrained once on the default corpus and shared by the tests below."""
+    out = tmp_path_factory.mktemp("base")
+    assert train.main(TINY + ["--out-dir", str(out), "--schedule", "lora", "--iters", "1", "--warmup", "0"]) == 0
+    (path,) = (out / "base").iterdir()
+    return str(path)
+
+
+def run(out, *extra, base=None):
+    argv = TINY + ["--out-dir", str(out)] + (["--init-from", base] if base else []) + list(extra)
+    return train.main(argv)
+
+
+def metrics(out, schedule):
+    return json.loads((out / schedule / "metrics.json").read_text())
+
+
+def test_every_schedule_end_to_end(tmp_path, base, capsys):
+    assert run(tmp_path, "--schedule", "linear,exponential,topk,lora,full", "--top-k", "2", "--iters", "60", base=base) == 0
+    printed = capsys.readouterr().out
+    assert "schedule     val before" in printed and "sample:" in printed
+    budget = 4 * 2 * 6  # r_ref x layers x targets
+    for schedule in ("linear", "exponential", "topk", "lora", "full"):
+        m = metrics(tmp_path, schedule)
+        assert m["val_loss"] < m["val_loss_before"] - 0.02, schedule
+        assert set(m) >= {"val_loss_before", "val_loss", "trainable_params", "rank_pattern", "seconds", "config", "history"}
+        assert len(m["history"]) == 60 and {"step", "train_loss", "total_rank"} <= set(m["history"][0])
+        if schedule in ("linear", "exponential", "topk"):
+            ranks = [h["total_rank"] for h in m["history"]]
+            assert ranks[0] == 12 and ranks[-1] > 12 and max(ranks) <= budget, schedule
+            assert ranks == sorted(ranks)
+            # r (d_in + d_out) + 2 sum_j k_j R_j per matrix; the MLP's matrices are 32 x 128
+            closed = sum(sum(b) * (160 if n.endswith(("fc_in", "fc_out")) else 64)
+                         + 2 * sum(k * sum(b[:j + 1]) for j, k in enumerate(b)) for n, b in m["block_sizes"].items())
+            assert m["trainable_params"] == closed
+    assert metrics(tmp_path, "linear")["total_rank"] == budget  # linear reaches the budget by the end
+    assert metrics(tmp_path, "lora")["trainable_params"] == 2 * (4 * 4 * 64 + 2 * 4 * (32 + 128))
+    assert os.path.exists(tmp_path / "linear" / "ckpt.pt")
+
+
+def test_bf16_autocast_on_cpu(tmp_path, base):
+    assert run(tmp_path, "--schedule", "linear", "--dtype", "bf16", base=base) == 0
+    m = metrics(tmp_path, "linear")
+    assert m["config"]["dtype"] == "bf16" and m["val_loss"] < m["val_loss_before"]
+
+
+# ----------------------------------------------------------------------------- resume
+
+def final_state(out, schedule="linear"):
+    ckpt = torch.load(out / schedule / "ckpt.pt", weights_only=False)
+    return ckpt, metrics(out, schedule)
+
+
+@pytest.mark.parametrize("stop", [17, 20])  # between two growth rounds (15, 20), and exactly at one
+def test_resume_is_exact_across_growth(tmp_path, base, stop):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run(straight, "--schedule", "linear", base=base) == 0
+    with pytest.raises(SystemExit) as e:
+        run(split, "--schedule", "linear", "--stop-after", str(stop), base=base)
+    assert e.value.code == 0
+    mid = torch.load(split / "linear" / "ckpt.pt", weights_only=False)
+    assert mid["step"] == stop and mid["allocator"]["events"]  # a growth happened before the stop
+    assert run(split, "--schedule", "linear", "--resume", base=base) == 0
+    (a, ma), (b, mb) = final_state(straight), final_state(split)
+    assert a["rank_pattern"] == b["rank_pattern"] and ma["block_sizes"] == mb["block_sizes"]
+    assert a["allocator"] == b["allocator"]
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert len(ma["history"]) == len(mb["history"]) == 40
+    for ha, hb in zip(ma["history"], mb["history"]):
+        assert ha["total_rank"] == hb["total_rank"] and abs(ha["train_loss"] - hb["train_loss"]) <= 1e-6
+    assert abs(ma["val_loss"] - mb["val_loss"]) <= 1e-6
+
+
+def test_atomic_save_keeps_the_old_file_when_a_write_dies(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    train.atomic_save({"step": 1}, path)
+
+    def dies(obj, f):
+        f.write(b"half a checkpoint")
+        raise RuntimeError("killed mid-write")
+    with pytest.raises(RuntimeError):
+        train.atomic_save({"step": 2}, path, writer=dies)
+    assert torch.load(path)["step"] == 1
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_sigint_saves_a_checkpoint_and_prints_the_resume_command(tmp_path, base):
+    cmd = [sys.executable, "-u", os.path.join(ROOT, "train.py")] + TINY + [
+        "--out-dir", str(tmp_path), "--init-from", base, "--schedule", "linear", "--iters", "100000", "--warmup", "10"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "val before" in line:
+            break
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=60)
+    output = "".join(lines) + rest
+    assert proc.returncode == 130, output
+    assert "resume with: python" in output and "--resume" in output
+    ckpt = torch.load(tmp_path / "linear" / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] > 0 and "Traceback" not in output
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, base):
+    """An out-dir holding a finished tiny linear run, to resume from in the table below."""
+    out = tmp_path_factory.mktemp("finished")
+    assert run(out, "--schedule", "linear", "--iters", "12", "--warmup", "2", base=base) == 0
+    return out
+
+
+def snapshot(folder):
+    return sorted((os.path.relpath(os.path.join(d, f), folder), os.path.getsize(os.path.join(d, f)))
+                  for d, _, fs in os.walk(folder) for f in fs)
+
+
+def bad_inputs():
+    return [
+        ("missing data file", lambda d, f: ["--data", str(d / "nope.txt")], "nope.txt does not exist"),
+        ("empty data file", lambda d, f: ["--data", write(d / "empty.txt", b"")], "empty.txt is empty"),
+        ("too-short data file", lambda d, f: ["--data", write(d / "short.txt", b"x" * 100)], "short.txt is too short"),
+        ("directory as data file", lambda d, f: ["--base-data", str(d)], "is a directory"),
+        ("unreadable data file", lambda d, f: ["--data", "/proc/self/mem"], "cannot be read"),
+        ("unknown schedule", lambda d, f: ["--schedule", "linear,cosine"], "unknown schedule 'cosine': choose from linear, exponential, topk, lora, full"),
+        ("unknown target", lambda d, f: ["--targets", "q_proj,c_attn"], "unknown target module 'c_attn': choose from q_proj"),
+        ("warmup >= iters", lambda d, f: ["--warmup", "40"], "--warmup 40 must be below --iters 40"),
+        ("zero batch size", lambda d, f: ["--batch-size", "0"], "--batch-size must be positive, got 0"),
+        ("negative layers", lambda d, f: ["--n-layer", "-1"], "--n-layer must be positive, got -1"),
+        ("zero learning rate", lambda d, f: ["--lr", "0"], "--lr must be positive, got 0"),
+        ("n_embd not divisible", lambda d, f: ["--n-head", "3"], "--n-embd 32 is not divisible by --n-head 3"),
+        ("budget below initial rank", lambda d, f: ["--init-rank", "2", "--budget", "20"], "budget 20 is below the initial total rank 2 x 12 matrices = 24"),
+        ("resume without checkpoint", lambda d, f: ["--resume"], "ckpt.pt does not exist"),
+        ("truncated checkpoint", lambda d, f: ["--resume"] + truncate(f, d), "is truncated or corrupt"),
+        ("checkpoint of another shape", lambda d, f: ["--resume", "--n-embd", "64"] + copy(f, d), "was made with --n-embd 32, not 64"),
+        ("checkpoint of another schedule", lambda d, f: ["--resume", "--schedule", "lora"] + copy(f, d, "lora"), "is from schedule 'linear', not 'lora'"),
+        ("corrupt base checkpoint", lambda d, f: ["--init-from", write(d / "base.pt", b"not a checkpoint")], "is truncated or corrupt"),
+    ]
+
+
+def write(path, content):
+    path.write_bytes(content)
+    return str(path)
+
+
+def copy(finished, d, as_schedule="linear"):
+    shutil.copytree(finished / "linear", d / "out" / as_schedule)
+    return []
+
+
+def truncate(finished, d):
+    copy(finished, d)
+    path = d / "out" / "linear" / "ckpt.pt"
+    content = path.read_bytes()
+    path.write_bytes(content[:len(content) // 2])
+    return []
+
+
+@pytest.mark.parametrize("name,extra,message", bad_inputs(), ids=[b[0] for b in bad_inputs()])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, finished, capsys, name, extra, message):
+    out = tmp_path / "out"
+    out.mkdir()
+    flags = extra(tmp_path, finished)
+    before = snapshot(out)
+    code = train.main(TINY + ["--out-dir", str(out)] + flags)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert "Traceback" not in err
+    assert snapshot(out) == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_refused(tmp_path, capsys):
+    assert train.main(TINY + ["--out-dir", str(tmp_path), "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+def test_non_finite_loss_stops_the_run(tmp_path, base, capsys):
+    assert run(tmp_path, "--schedule", "full", "--lr", "1e30", "--eval-interval", "2", base=base) == 1
+    err = capsys.readouterr().err
+    assert "error: [full] loss is" in err and "at step" in err and "last good checkpoint" in err
