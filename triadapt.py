@@ -3,7 +3,7 @@ TriAdaptLoRA: triangular adaptive low-rank adaptation (arXiv 2501.08008), in pla
 
 A frozen linear layer y = x W^T + b (W is d_out x d_in) is adapted as
 
-    y  = x W^T + b + s * ((x A^T) C^T) B^T        # what forward() computes: dW is never built
+    y  = x W^T + b + s * ((x A^T) C^T) B^T        # forward(), as (x (C A)^T) (s B)^T: dW is never built
     dW = s * B @ C @ A                            # delta_weight(), for merge() and inspection
 
 with A (r x d_in), B (d_out x r), core C (r x r), current rank r and a constant s = alpha / r_ref.
@@ -93,9 +93,11 @@ class TriAdaptLinear(nn.Module):
         y = self.base(x)
         if self.merged:
             return y
-        h = x @ self.A.t()                      # (..., r)
-        h = h @ self.core().t()                 # (..., r)
-        return y + self.scale * (h @ self.B.t())  # (..., d_out)
+        # ((x A^T) C^T) B^T s, with C and s applied to the small factors: C A costs r^2 d_in
+        # once, where h C^T would cost r^2 per token, forward and backward; dW is never built.
+        CA = self.core() @ self.A                  # (r, d_in)
+        h = x @ CA.t()                             # (..., r)
+        return y + h @ (self.scale * self.B).t()   # (..., d_out)
 
     def grow(self, k):
         """Border the core with one row block and one column block of size k; dW does not change."""
@@ -149,7 +151,7 @@ class LoRALinear(nn.Module):
         self.rank = rank
 
     def forward(self, x):
-        return self.base(x) + self.scale * ((x @ self.A.t()) @ self.B.t())
+        return self.base(x) + (x @ self.A.t()) @ (self.scale * self.B).t()  # s on the small factor, as above
 
 
 def normalized_frobenius(C):
