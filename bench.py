@@ -179,13 +179,17 @@ def quality(args):
         results["methods"][label] = runs
 
     for schedule in ("linear", "exponential", "topk"):
-        run(schedule, schedule)
-    run("lora r_ref", "lora")
-    # plain LoRA with as many trainable parameters as the linear runs ended with
-    per_rank = results["methods"]["lora r_ref"][0]["trainable_params"] / base_args.ref_rank
-    matched = max(1, round(statistics.mean(m["trainable_params"] for m in results["methods"]["linear"]) / per_rank))
-    run(f"lora r={matched}", "lora", "--ref-rank", str(matched), "--alpha", str(base_args.alpha * matched / base_args.ref_rank))
-    run("full", "full")
+        if schedule in args.methods:
+            run(schedule, schedule)
+    if "lora" in args.methods:
+        run("lora r_ref", "lora")
+    if "lora" in args.methods and "linear" in args.methods:
+        # plain LoRA with as many trainable parameters as the linear runs ended with, at the same s
+        per_rank = results["methods"]["lora r_ref"][0]["trainable_params"] / base_args.ref_rank
+        matched = max(1, round(statistics.mean(m["trainable_params"] for m in results["methods"]["linear"]) / per_rank))
+        run(f"lora r={matched}", "lora", "--ref-rank", str(matched), "--alpha", str(base_args.alpha * matched / base_args.ref_rank))
+    if "full" in args.methods:
+        run("full", "full")
     return results
 
 
@@ -202,7 +206,8 @@ def mean_std(xs):
 
 def quality_table(results):
     base_test = results["base"]["test_loss"]
-    full_test = statistics.mean(m["test_loss"] for m in results["methods"]["full"])
+    full = results["methods"].get("full")
+    full_test = statistics.mean(m["test_loss"] for m in full) if full else float("nan")  # nan: no gap column
     lines = [f"{'method':<14} {'val loss':>16} {'test loss':>16} {'gap closed':>10} {'trainable':>10} {'final rank':>10} {'seconds':>8}",
              f"{'base (no FT)':<14} {results['base']['val_loss']:>16.4f} {base_test:>16.4f} {0.0:>10.3f} {0:>10,} {'-':>10} {'-':>8}"]
     for label, runs in results["methods"].items():
@@ -230,11 +235,11 @@ def heat_map(metrics):
         for n in grid:
             grid[n].append(ranks[n])
     digits = "0123456789abcdefghijklmnopqrstuvwxyz"
-    width = max(len(n) for n in grid)
-    lines = [f"{'round at step':<{width}} " + (f"{rounds[0]} .. {rounds[-1]}" if rounds else "(no rounds)")]
+    short = {n: n.replace("blocks.", "").replace(".attn.", ".").replace(".mlp.", ".") for n in grid}
+    width = max(len(s) for s in short.values())
+    lines = [f"{'':<{width}} " + (f"{len(rounds)} rounds, one column each, steps {rounds[0]}..{rounds[-1]}" if rounds else "(no rounds)")]
     for n, row in grid.items():
-        short = n.replace("blocks.", "").replace(".attn.", ".").replace(".mlp.", ".")
-        lines.append(f"{short:<{width}} " + "".join(digits[r] if r < 36 else "+" for r in row))
+        lines.append(f"{short[n]:<{width}} " + "".join(digits[r] if r < 36 else "+" for r in row))
     return "\n".join(lines)
 
 
@@ -250,9 +255,11 @@ def main():
     p.add_argument("--first-seed", type=int, default=0, help="quality: the first fine-tuning seed")
     p.add_argument("--quick", action="store_true", help="quality: a tiny smoke run (60 steps, 100 pretraining steps)")
     p.add_argument("--out-dir", default="out", help="quality: where the base model, the runs and bench_quality.json go")
+    p.add_argument("--methods", default="linear,exponential,topk,lora,full", help="quality: which methods to run (lora also runs the parameter-matched rank when linear runs)")
     p.add_argument("--train-args", default="", help="quality: extra train.py flags for every run, e.g. '--warmup 100 --interval 20'")
     args = p.parse_args()
     args.train_args = args.train_args.split()
+    args.methods = args.methods.split(",")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.exit(2, "error: --device cuda, but CUDA is not available here\n")
     if args.what == "speed":
@@ -264,7 +271,8 @@ def main():
           f"machine: {results['machine']}; {time.time() - t0:.0f} s in all")
     print(quality_table(results))
     print("\nlinear schedule, first seed: rank of every matrix after each allocation round")
-    print(heat_map(results["methods"]["linear"][0]))
+    if "linear" in results["methods"]:
+        print(heat_map(results["methods"]["linear"][0]))
     path = os.path.join(args.out_dir, "bench_quality.json")
     train.save_json(results, path)
     print(f"raw numbers: {path}")
