@@ -208,3 +208,27 @@ def test_non_finite_loss_stops_the_run(tmp_path, base, capsys):
     assert run(tmp_path, "--schedule", "full", "--lr", "1e30", "--eval-interval", "2", base=base) == 1
     err = capsys.readouterr().err
     assert "error: [full] loss is" in err and "at step" in err and "last good checkpoint" in err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_run_with_bf16(tmp_path, base):
+    assert run(tmp_path, "--schedule", "linear,lora", "--device", "cuda", base=base) == 0
+    for schedule in ("linear", "lora"):
+        m = metrics(tmp_path, schedule)
+        assert m["config"]["dtype"] == "bf16" and m["val_loss"] < m["val_loss_before"] - 0.02
+
+
+def test_tiny_classification_beats_chance(tmp_path, capsys):
+    # chance is 1/8; 0.15 is three standard deviations of chance accuracy above it on >= 1600 snippets
+    argv = ["--arch", "encoder", "--task", "classify", "--out-dir", str(tmp_path),
+            "--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--block-size", "64", "--batch-size", "32",
+            "--pretrain-iters", "200", "--iters", "400", "--probe-iters", "100", "--warmup", "10",
+            "--eval-interval", "400", "--ref-rank", "4"]
+    assert train.main(argv + ["--schedule", "linear", "--lr", "1e-2"]) == 0
+    assert train.main(argv + ["--schedule", "full", "--lr", "3e-3"]) == 0  # reuses the same base
+    assert "val acc" in capsys.readouterr().out
+    linear = json.loads((tmp_path / "classify-linear" / "metrics.json").read_text())
+    full = json.loads((tmp_path / "classify-full" / "metrics.json").read_text())
+    assert linear["val_acc"] > 0.15 and linear["val_acc"] > linear["val_acc_before"]
+    assert linear["val_loss"] < linear["val_loss_before"]
+    assert full["val_acc"] > 0.15 and full["test_acc"] > 0.15

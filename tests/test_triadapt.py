@@ -379,3 +379,15 @@ def test_allocator_state_round_trip_rebuilds_shapes_and_groups():
 def test_budget_below_initial_rank_is_refused():
     with pytest.raises(ValueError, match="below the initial total rank 6"):
         RankAllocator(toy_layers(n=3, rank=2), total_steps=10, target_total_rank=5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_layer_matches_cpu():
+    layer = layer_with_blocks([2, 3], d_in=16, d_out=12)
+    randomize(layer)
+    x = torch.randn(5, 16)
+    expected = layer(x)
+    layer.cuda()
+    assert torch.allclose(layer(x.cuda()).cpu(), expected, atol=1e-5)
+    new = layer.grow(2)
+    assert all(p.is_cuda for p in new)
