@@ -5,6 +5,7 @@ Measure TriAdaptLoRA side by side with its baselines, in one run, on this machin
     python bench.py speed --device cuda
     python bench.py quality               # 6 methods x 3 seeds on the default task (~40 minutes on 2 cores)
     python bench.py quality --quick       # a smoke run of the same
+    python bench.py quality --task classify --methods linear,lora,full   # encoder accuracy
 
 speed: on the default model shape and a wider one, the median time of one full training step
 (forward, backward, AdamW) for plain LoRA at rank r, TriAdaptLoRA at rank r (one block, and
@@ -156,8 +157,10 @@ def speed(args):
 def quality(args):
     """Fine-tune every method for every seed from one shared base; returns the raw metrics."""
     common = ["--device", args.device, "--iters", str(args.iters), "--sample-len", "0", "--eval-interval", str(args.iters)]
+    if args.task == "classify":
+        common += ["--arch", "encoder", "--task", "classify"]
     if args.quick:
-        common += ["--pretrain-iters", "100", "--warmup", "10", "--eval-iters", "5", "--iters", "60", "--eval-interval", "60"]
+        common += ["--pretrain-iters", "100", "--warmup", "10", "--eval-iters", "5", "--iters", "60", "--eval-interval", "60", "--probe-iters", "20"]
     common += args.train_args
 
     def parsed(*extra, out_dir=args.out_dir):
@@ -168,14 +171,20 @@ def quality(args):
     base_args = parsed()
     base_splits, ft_splits, digest = train.prepare_data(base_args)
     base = train.pretrain(base_args, base_splits, digest)
-    results = {"base": base_losses(base, ft_splits, base_args), "machine": machine(), "methods": {}}
+    classify = args.task == "classify"
+    results = {"task": args.task, "machine": machine(), "methods": {},
+               "base": None if classify else base_losses(base, ft_splits, base_args)}
 
     def run(label, schedule, *extra):
         runs = []
         for seed in range(args.seeds):
             targs = parsed("--schedule", schedule, "--seed", str(args.first_seed + seed), *extra,
                            out_dir=os.path.join(args.out_dir, "bench", f"{label.replace(' ', '_')}-seed{seed}"))
-            runs.append(train.finetune(targs, schedule, base, train.LMTask(ft_splits, targs)))
+            if classify:
+                task = train.ClassifyTask(ft_splits, targs)
+                runs.append(train.finetune(targs, schedule, base, task, n_classes=len(data.CLASS_PACKAGES)))
+            else:
+                runs.append(train.finetune(targs, schedule, base, train.LMTask(ft_splits, targs)))
         results["methods"][label] = runs
 
     for schedule in ("linear", "exponential", "topk"):
@@ -222,6 +231,20 @@ def quality_table(results):
     return "\n".join(lines)
 
 
+def accuracy_table(results):
+    """Classification: accuracy before (head only, on the frozen encoder) and after, mean +- std."""
+    lines = [f"{'method':<14} {'val acc before':>14} {'val acc':>16} {'test acc':>16} {'trainable':>10} {'final rank':>10} {'seconds':>8}"]
+    for label, runs in results["methods"].items():
+        b = statistics.mean(m["val_acc_before"] for m in runs)
+        v, vs = mean_std([m["val_acc"] for m in runs])
+        t, ts = mean_std([m["test_acc"] for m in runs])
+        rank = f"{statistics.mean(m['total_rank'] for m in runs):.0f}" if runs[0]["rank_pattern"] else "-"
+        params = round(statistics.mean(m["trainable_params"] for m in runs))
+        secs = statistics.mean(m["seconds"] for m in runs)
+        lines.append(f"{label:<14} {b:>14.3f} {v:>8.3f} +- {vs:.3f} {t:>8.3f} +- {ts:.3f} {params:>10,} {rank:>10} {secs:>8.1f}")
+    return "\n".join(lines)
+
+
 def heat_map(metrics):
     """Rank of every matrix after every allocation round: matrices as rows, rounds as columns.
     One character a cell: the rank in base 36 (0-9, then a-z)."""
@@ -256,6 +279,7 @@ def main():
     p.add_argument("--quick", action="store_true", help="quality: a tiny smoke run (60 steps, 100 pretraining steps)")
     p.add_argument("--out-dir", default="out", help="quality: where the base model, the runs and bench_quality.json go")
     p.add_argument("--methods", default="linear,exponential,topk,lora,full", help="quality: which methods to run (lora also runs the parameter-matched rank when linear runs)")
+    p.add_argument("--task", default="lm", choices=("lm", "classify"), help="quality: lm (GPT on the documentation, losses) or classify (encoder, package labels, accuracy)")
     p.add_argument("--train-args", default="", help="quality: extra train.py flags for every run, e.g. '--warmup 100 --interval 20'")
     args = p.parse_args()
     args.train_args = args.train_args.split()
@@ -267,13 +291,13 @@ def main():
         return
     t0 = time.time()
     results = quality(args)
-    print(f"\nquality on the default task, {args.seeds} seeds, {args.iters if not args.quick else 60} steps each; test split; "
+    print(f"\nquality on the {args.task} task, {args.seeds} seeds, {args.iters if not args.quick else 60} steps each; test split; "
           f"machine: {results['machine']}; {time.time() - t0:.0f} s in all")
-    print(quality_table(results))
+    print(accuracy_table(results) if args.task == "classify" else quality_table(results))
     print("\nlinear schedule, first seed: rank of every matrix after each allocation round")
     if "linear" in results["methods"]:
         print(heat_map(results["methods"]["linear"][0]))
-    path = os.path.join(args.out_dir, "bench_quality.json")
+    path = os.path.join(args.out_dir, f"bench_quality_{args.task}.json")
     train.save_json(results, path)
     print(f"raw numbers: {path}")
 
