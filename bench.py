@@ -196,7 +196,8 @@ def quality(args):
         # plain LoRA with as many trainable parameters as the linear runs ended with, at the same s
         per_rank = results["methods"]["lora r_ref"][0]["trainable_params"] / base_args.ref_rank
         matched = max(1, round(statistics.mean(m["trainable_params"] for m in results["methods"]["linear"]) / per_rank))
-        run(f"lora r={matched}", "lora", "--ref-rank", str(matched), "--alpha", str(base_args.alpha * matched / base_args.ref_rank))
+        if matched != base_args.ref_rank:
+            run(f"lora r={matched}", "lora", "--ref-rank", str(matched), "--alpha", str(base_args.alpha * matched / base_args.ref_rank))
     if "full" in args.methods:
         run("full", "full")
     return results
