@@ -3,7 +3,7 @@ Measure TriAdaptLoRA side by side with its baselines, in one run, on this machin
 
     python bench.py speed                 # step time of each method as a ratio to plain LoRA (~minutes on 2 cores)
     python bench.py speed --device cuda
-    python bench.py quality               # 6 methods x 3 seeds on the default task (~40 minutes on 2 cores)
+    python bench.py quality               # 6 methods x 3 seeds on the default task (76 minutes measured on 2 shared cores)
     python bench.py quality --quick       # a smoke run of the same
     python bench.py quality --task classify --methods linear,lora,full   # encoder accuracy
 
@@ -217,17 +217,17 @@ def mean_std(xs):
 def quality_table(results):
     base_test = results["base"]["test_loss"]
     full = results["methods"].get("full")
-    full_test = statistics.mean(m["test_loss"] for m in full) if full else float("nan")  # nan: no gap column
+    full_test = statistics.mean(m["test_loss"] for m in full) if full else None
     lines = [f"{'method':<14} {'val loss':>16} {'test loss':>16} {'gap closed':>10} {'trainable':>10} {'final rank':>10} {'seconds':>8}",
              f"{'base (no FT)':<14} {results['base']['val_loss']:>16.4f} {base_test:>16.4f} {0.0:>10.3f} {0:>10,} {'-':>10} {'-':>8}"]
     for label, runs in results["methods"].items():
         v, vs = mean_std([m["val_loss"] for m in runs])
         t, ts = mean_std([m["test_loss"] for m in runs])
-        closed = (base_test - t) / (base_test - full_test)
+        closed = f"{(base_test - t) / (base_test - full_test):.3f}" if full else "-"
         rank = statistics.mean(m["total_rank"] for m in runs) if runs[0]["rank_pattern"] else "-"
         params = round(statistics.mean(m["trainable_params"] for m in runs))
         secs = statistics.mean(m["seconds"] for m in runs)
-        lines.append(f"{label:<14} {v:>8.4f} +- {vs:.4f} {t:>8.4f} +- {ts:.4f} {closed:>10.3f} {params:>10,} "
+        lines.append(f"{label:<14} {v:>8.4f} +- {vs:.4f} {t:>8.4f} +- {ts:.4f} {closed:>10} {params:>10,} "
                      f"{rank if rank == '-' else f'{rank:.0f}':>10} {secs:>8.1f}")
     return "\n".join(lines)
 
@@ -278,7 +278,7 @@ def main():
     p.add_argument("--seeds", type=int, default=3, help="quality: seeds per method")
     p.add_argument("--first-seed", type=int, default=0, help="quality: the first fine-tuning seed")
     p.add_argument("--quick", action="store_true", help="quality: a tiny smoke run (60 steps, 100 pretraining steps)")
-    p.add_argument("--out-dir", default="out", help="quality: where the base model, the runs and bench_quality.json go")
+    p.add_argument("--out-dir", default="out", help="quality: where the base model, the runs and bench_quality_<task>.json go")
     p.add_argument("--methods", default="linear,exponential,topk,lora,full", help="quality: which methods to run (lora also runs the parameter-matched rank when linear runs)")
     p.add_argument("--task", default="lm", choices=("lm", "classify"), help="quality: lm (GPT on the documentation, losses) or classify (encoder, package labels, accuracy)")
     p.add_argument("--train-args", default="", help="quality: extra train.py flags for every run, e.g. '--warmup 100 --interval 20'")
