@@ -118,7 +118,7 @@ def allocator_fraction(config, args, steps=120):
         opt.zero_grad(set_to_none=True)
         sync()
         t0 = time.perf_counter()
-        grown = alloc.step(t, opt)
+        alloc.step(t, opt)
         sync()
         in_alloc += time.perf_counter() - t0
         rounds += t > alloc.warmup and t % alloc.interval == 0
