@@ -35,8 +35,37 @@ Choices where the authors' code differs or varies (see ../shared/SPEC.md and REA
   - a growth is clipped so that R_total never exceeds R_target;
   - C = I, B = 0 at init, under which every factor trains (B first, then A and C a step later).
 
+Storage: one tensor per factor and layer, A (r, d_in), B (d_out, r), and L, U dense (r, r) with
+fixed 0/1 masks L_mask, U_mask (buffers) that mark the blocks: core() = L * L_mask + U * U_mask.
+The entries outside the blocks are zero and stay zero (the mask gives them no gradient, and AdamW's
+decay keeps a zero at zero), so n_trainable is the closed form above, never r^2. grow(k) replaces
+A, B, L, U by bordered copies (old values in the top-left corner), and RankAllocator puts them into
+the optimizer in place of the old ones (replace_in_optimizer), so no param group is ever added.
+Adam's moments are zero-padded for the new entries, which share the old tensor's step count t.
+(Per-block parameters started their own count at 0, so a new block's first update had full size,
+about lr; with the old count, bias-corrected by 1 - beta^t ~ 1 once t is a few tens, its n-th update
+is about (1 - beta1^n) / sqrt(1 - beta2^n) of that: 0.45 at n = 1 with betas (0.9, 0.95), full size
+from n ~ 10, a short warmup of each new block.) orthogonal_penalty stacks the factors of one shape
+and takes their Gram matrices in one batched product.
+
+Why: aten ops dispatched by one training step (bench.count_ops; forward, loss, backward,
+clip_grad_norm_, fused AdamW, zero_grad; default GPT, 24 adapted matrices grown from rank 1 by 4
+to 8 per matrix through the allocator in real steps):
+
+    plain LoRA, r = 8                                    1,053
+    per-block parameters (P_j, Q_j, A_j, B_j, padded
+      and concatenated on every call, 43 param groups)   2,187 (2.08x), with R_orth 3,518 (3.34x)
+    the same with all blocks in a single param group     2,103 (2.00x), with R_orth 3,434 (3.26x)
+    this storage (1 param group)                         1,341 (1.27x), with R_orth 1,614 (1.53x)
+
+Per-block parameters cost ops for every block (pads, concatenations and their backward slices),
+so their count grows with the number of growths; this storage costs the same for any block count.
+R_orth as a loop over layers cost 1,133 of those ops (2,474 in all, 2.35x); batched by shape it
+costs ~20 per distinct (r, d) shape plus ~8 per layer (here 4 shapes: 273).
+
 Usage: see RankAllocator's docstring; `python -m pytest tests/test_triadapt.py` checks the math.
 """
+import itertools
 import math
 
 import torch
@@ -47,7 +76,7 @@ SCHEDULES = ("linear", "exponential", "topk")
 
 
 class TriAdaptLinear(nn.Module):
-    """A frozen nn.Linear plus the triangular adapter s * B @ (L + U) @ A."""
+    """A frozen nn.Linear plus the triangular adapter s * B @ (L + U) @ A, each factor one tensor."""
 
     def __init__(self, base: nn.Linear, rank=1, alpha=16.0, ref_rank=8, init_std=0.02):
         super().__init__()
@@ -60,10 +89,15 @@ class TriAdaptLinear(nn.Module):
         self.ref_rank = ref_rank
         self.init_std = init_std
         self.block_sizes = []
-        self.A_blocks = nn.ParameterList()  # block j: (k_j, d_in)
-        self.B_blocks = nn.ParameterList()  # block j: (d_out, k_j)
-        self.P = nn.ParameterList()         # block j: (k_j, R_j), rows R_{j-1}:R_j of L
-        self.Q = nn.ParameterList()         # block j: (R_j, k_j), columns R_{j-1}:R_j of U
+        w = base.weight
+        d_out, d_in = w.shape
+        # rank 0 until grow(rank) below borders them; grow() replaces all six tensors
+        self.A = nn.Parameter(w.new_zeros(0, d_in))   # (r, d_in)
+        self.B = nn.Parameter(w.new_zeros(d_out, 0))  # (d_out, r)
+        self.L = nn.Parameter(w.new_zeros(0, 0))      # (r, r), row block j is P_j, zero elsewhere
+        self.U = nn.Parameter(w.new_zeros(0, 0))      # (r, r), column block j is Q_j, zero elsewhere
+        self.register_buffer("L_mask", w.new_zeros(0, 0), persistent=False)  # (r, r), 1 on the row blocks
+        self.register_buffer("U_mask", w.new_zeros(0, 0), persistent=False)  # (r, r), 1 on the column blocks
         self.merged = False
         self.grow(rank)
 
@@ -72,19 +106,30 @@ class TriAdaptLinear(nn.Module):
         return sum(self.block_sizes)
 
     @property
-    def A(self):
-        return torch.cat(list(self.A_blocks), dim=0)  # (r, d_in)
+    def n_trainable(self):
+        """r (d_in + d_out) + 2 sum_j k_j R_j: the numbers that train (never the masked zeros of L and U)."""
+        d_out, d_in = self.base.weight.shape
+        core = 2 * sum((hi - lo) * hi for lo, hi in self._block_bounds())  # 2 sum_j k_j R_j
+        return self.rank * (d_in + d_out) + core
+
+    def _block_bounds(self):
+        """[(R_{j-1}, R_j) for every block j]."""
+        R = [0] + list(itertools.accumulate(self.block_sizes))
+        return list(zip(R[:-1], R[1:]))
 
     @property
-    def B(self):
-        return torch.cat(list(self.B_blocks), dim=1)  # (d_out, r)
+    def P(self):
+        """[P_0, P_1, ...]: views of L's row blocks, P_j = L[R_{j-1}:R_j, :R_j] (k_j, R_j)."""
+        return [self.L[lo:hi, :hi] for lo, hi in self._block_bounds()]
+
+    @property
+    def Q(self):
+        """[Q_0, Q_1, ...]: views of U's column blocks, Q_j = U[:R_j, R_{j-1}:R_j] (R_j, k_j)."""
+        return [self.U[:hi, lo:hi] for lo, hi in self._block_bounds()]
 
     def core(self):
-        """C = L + U: row block j of L is P_j padded on the right, column block j of U is Q_j padded below."""
-        r = self.rank
-        L = torch.cat([F.pad(P, (0, r - P.shape[1])) for P in self.P], dim=0)        # (r, r)
-        U = torch.cat([F.pad(Q, (0, 0, 0, r - Q.shape[0])) for Q in self.Q], dim=1)  # (r, r)
-        return L + U
+        """C = L + U; the masks keep the entries outside the blocks at zero and without a gradient."""
+        return self.L * self.L_mask + self.U * self.U_mask  # (r, r)
 
     def delta_weight(self):
         return self.scale * self.B @ self.core() @ self.A  # (d_out, d_in)
@@ -99,25 +144,35 @@ class TriAdaptLinear(nn.Module):
         h = x @ CA.t()                             # (..., r)
         return y + h @ (self.scale * self.B).t()   # (..., d_out)
 
+    @torch.no_grad()
     def grow(self, k):
-        """Border the core with one row block and one column block of size k; dW does not change."""
+        """Border the core with one row block and one column block of size k; dW does not change.
+
+        A, B, L and U are replaced by larger tensors holding the old values in their top-left corner;
+        returns the new [A, B, L, U]. An optimizer must then hold these instead of the old ones:
+        RankAllocator does that (replace_in_optimizer).
+        """
         if self.merged:
             raise RuntimeError("grow() on a merged layer: unmerge() first")
         d_out, d_in = self.base.weight.shape
         if k < 1 or self.rank + k > min(d_in, d_out):
             raise ValueError(f"cannot grow rank {self.rank} by {k}: the cap is min(d_in, d_out) = {min(d_in, d_out)}")
-        R = self.rank + k
+        r, R = self.rank, self.rank + k
         w = self.base.weight
-        A_new = torch.randn(k, d_in, device=w.device, dtype=w.dtype) * self.init_std
-        B_new = torch.zeros(d_out, k, device=w.device, dtype=w.dtype)
-        P_new = torch.zeros(k, R, device=w.device, dtype=w.dtype)
-        P_new[:, R - k:] = torch.eye(k, device=w.device, dtype=w.dtype)  # [0 | I_k]
-        Q_new = torch.zeros(R, k, device=w.device, dtype=w.dtype)
-        new = [nn.Parameter(t) for t in (A_new, B_new, P_new, Q_new)]
-        for plist, p in zip((self.A_blocks, self.B_blocks, self.P, self.Q), new):
-            plist.append(p)
+        A_new = torch.randn(k, d_in, device=w.device, dtype=w.dtype) * self.init_std  # the one RNG draw
+        A = torch.cat([self.A, A_new])          # (R, d_in)  new rows ~ N(0, init_std^2)
+        B = F.pad(self.B, (0, k))               # (d_out, R) new columns 0
+        L = F.pad(self.L, (0, k, 0, k))         # (R, R)     new row block P = [0 | I_k]
+        L[r:, r:] = torch.eye(k, device=w.device, dtype=w.dtype)
+        U = F.pad(self.U, (0, k, 0, k))         # (R, R)     new column block Q = 0
+        L_mask = F.pad(self.L_mask, (0, k, 0, k))  # (R, R)
+        L_mask[r:, :] = 1                          # rows R_{j-1}:R_j, columns 0:R_j
+        U_mask = F.pad(self.U_mask, (0, k, 0, k))  # (R, R)
+        U_mask[:, r:] = 1                          # rows 0:R_j, columns R_{j-1}:R_j
+        self.A, self.B, self.L, self.U = (nn.Parameter(t) for t in (A, B, L, U))
+        self.L_mask, self.U_mask = L_mask, U_mask
         self.block_sizes.append(k)
-        return new
+        return [self.A, self.B, self.L, self.U]
 
     @torch.no_grad()
     def merge(self):
@@ -150,8 +205,42 @@ class LoRALinear(nn.Module):
         self.B = nn.Parameter(torch.zeros(base.out_features, rank, device=w.device, dtype=w.dtype))
         self.rank = rank
 
+    @property
+    def n_trainable(self):
+        """r (d_in + d_out)."""
+        return self.rank * (self.base.in_features + self.base.out_features)
+
     def forward(self, x):
         return self.base(x) + (x @ self.A.t()) @ (self.scale * self.B).t()  # s on the small factor, as above
+
+
+def count_trainable(model):
+    """Trainable numbers of `model`: adapters by n_trainable, every other trainable tensor by numel()."""
+    adapters = [m for m in model.modules() if isinstance(m, (TriAdaptLinear, LoRALinear))]
+    own = {id(p) for m in adapters for p in m.parameters(recurse=False)}  # A, B (L, U), not the base's
+    others = sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in own)
+    return others + sum(m.n_trainable for m in adapters)
+
+
+@torch.no_grad()
+def replace_in_optimizer(optimizer, old, new):
+    """Put each tensor of `new` where the matching one of `old` is in the optimizer's param groups and
+    move its state: state tensors shaped like the old parameter (Adam's exp_avg, exp_avg_sq) are
+    zero-padded at the end of every dimension, where grow() puts the new entries; the rest (Adam's
+    step) moves unchanged, so the new entries share the old tensor's step count."""
+    swap = {id(o): n for o, n in zip(old, new)}
+    for group in optimizer.param_groups:
+        group["params"] = [swap.get(id(p), p) for p in group["params"]]
+    for o, n in zip(old, new):
+        state = optimizer.state.pop(o, None)
+        if state is None:
+            continue
+        for key, v in state.items():
+            if torch.is_tensor(v) and v.shape == o.shape and v.shape != n.shape:
+                padded = v.new_zeros(n.shape)
+                padded[tuple(slice(0, size) for size in o.shape)] = v
+                state[key] = padded
+        optimizer.state[n] = state
 
 
 def normalized_frobenius(C):
@@ -174,11 +263,16 @@ def growth_count(schedule, p, deficit, top_k=1):
 def orthogonal_penalty(layers):
     """R_orth = 1/(2n) sum_l (||A_l A_l^T - I_r||_F + ||B_l^T B_l - I_r||_F) over n adapted layers."""
     layers = list(layers.values()) if isinstance(layers, dict) else list(layers)
-    total = 0.0
+    # Both terms are ||X X^T - I_r||_F, X = A or B^T: the X of one shape go through one batched product.
+    same_shape = {}
     for layer in layers:
-        A, B = layer.A, layer.B
-        I = torch.eye(A.shape[0], device=A.device, dtype=A.dtype)
-        total = total + torch.linalg.matrix_norm(A @ A.t() - I) + torch.linalg.matrix_norm(B.t() @ B - I)
+        for X in (layer.A, layer.B.t()):
+            same_shape.setdefault(tuple(X.shape), []).append(X)
+    total = 0.0
+    for (r, _), Xs in same_shape.items():
+        X = torch.stack(Xs)                                                  # (n_shape, r, d)
+        I = torch.eye(r, device=X.device, dtype=X.dtype)
+        total = total + torch.linalg.matrix_norm(torch.bmm(X, X.mT) - I).sum()  # (n_shape,) summed
     return total / (2 * len(layers))
 
 
@@ -219,11 +313,15 @@ class RankAllocator:
         for t in range(1, T + 1):
             loss = model(x, y) + lam * orthogonal_penalty(layers); loss.backward()
             optimizer.step(); optimizer.zero_grad()
-            allocator.step(t, optimizer)    # new blocks join the optimizer as new param groups
+            if allocator.step(t, optimizer):   # grown tensors replace the old ones in the optimizer
+                params = [p for p in model.parameters() if p.requires_grad]
+
+    `sync`, if given, maps the dict {name: N(C)} measured at construction and at every round to the
+    dict used (e.g. rank 0's values broadcast to every process, so all make the same decision).
     """
 
     def __init__(self, layers, total_steps, target_total_rank=None, schedule="linear", warmup=0,
-                 interval=1, rank_step=None, top_k=1, max_rank=None):
+                 interval=1, rank_step=None, top_k=1, max_rank=None, sync=None):
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
         if not layers:
@@ -234,11 +332,12 @@ class RankAllocator:
         self.warmup, self.interval, self.top_k = warmup, max(1, interval), top_k
         self.target_total_rank = target_total_rank or ref_rank * len(self.layers)  # R_target
         self.rank_step = rank_step or max(1, ref_rank // 2)                        # k
+        self.sync = sync or (lambda norms: norms)
         cap = max_rank or float("inf")
         self.caps = {n: min(l.base.in_features, l.base.out_features, cap) for n, l in self.layers.items()}
         if self.total_rank > self.target_total_rank:
             raise ValueError(f"budget R_target = {self.target_total_rank} is below the initial total rank {self.total_rank}")
-        self.prev = {n: normalized_frobenius(l.core()) for n, l in self.layers.items()}  # N_l(prev)
+        self.prev = self.norms()  # N_l(prev)
         self.scores = {}
         self.events = []  # (t, name, k) of every growth, in order: what resume replays
 
@@ -249,11 +348,15 @@ class RankAllocator:
     def rank_pattern(self):
         return {n: l.rank for n, l in self.layers.items()}
 
+    def norms(self):
+        """{name: N(C)} of every layer, through `sync`."""
+        return self.sync({n: normalized_frobenius(l.core()) for n, l in self.layers.items()})
+
     def step(self, t, optimizer):
         """Call right after optimizer step t (t counts from 1). Returns the names that grew."""
         if t <= self.warmup or t % self.interval or self.total_rank >= self.target_total_rank:
             return []
-        now = {n: normalized_frobenius(l.core()) for n, l in self.layers.items()}
+        now = self.norms()
         self.scores = {n: now[n] - self.prev[n] for n in now}
         self.prev = now
         eligible = [n for n, l in self.layers.items() if l.rank < self.caps[n]]
@@ -270,22 +373,27 @@ class RankAllocator:
             k = min(self.rank_step, self.target_total_rank - self.total_rank, self.caps[name] - layer.rank)
             if k <= 0:
                 break
-            optimizer.add_param_group({"params": layer.grow(k)})
+            self._grow(name, k, optimizer)
             self.events.append((t, name, k))
             grown.append(name)
         return grown
+
+    def _grow(self, name, k, optimizer):
+        layer = self.layers[name]
+        old = [layer.A, layer.B, layer.L, layer.U]
+        replace_in_optimizer(optimizer, old, layer.grow(k))
 
     def state_dict(self):
         return {"prev": dict(self.prev), "scores": dict(self.scores), "events": list(self.events)}
 
     def load_state_dict(self, state, optimizer):
-        """Replay the recorded growths (shapes and param groups, in order), then restore the norms.
+        """Replay the recorded growths (shapes, and the tensors the optimizer holds), then restore the norms.
 
         Call on a freshly injected model before loading the model's and the optimizer's state.
         """
         if self.events:
             raise RuntimeError("load_state_dict() needs an allocator that has not grown anything yet")
         for t, name, k in state["events"]:
-            optimizer.add_param_group({"params": self.layers[name].grow(k)})
+            self._grow(name, k, optimizer)
         self.events = [tuple(e) for e in state["events"]]
         self.prev, self.scores = dict(state["prev"]), dict(state["scores"])

@@ -1,11 +1,12 @@
 """The math of triadapt.py against values computed by hand (see the comments next to each number)."""
+import copy
 import math
 
 import pytest
 import torch
 import torch.nn as nn
 
-from triadapt import (LoRALinear, RankAllocator, TriAdaptLinear, growth_count, inject,
+from triadapt import (LoRALinear, RankAllocator, TriAdaptLinear, count_trainable, growth_count, inject,
                       normalized_frobenius, orthogonal_penalty)
 
 
@@ -53,8 +54,8 @@ def test_initial_core_is_identity_and_delta_zero():
 def test_delta_weight_by_hand():
     layer = TriAdaptLinear(nn.Linear(3, 2), rank=2, alpha=4.0, ref_rank=2)  # s = 2
     with torch.no_grad():
-        layer.A_blocks[0].copy_(torch.tensor([[1., 0., 2.], [0., 1., 1.]]))
-        layer.B_blocks[0].copy_(torch.tensor([[1., 2.], [0., 1.]]))
+        layer.A.copy_(torch.tensor([[1., 0., 2.], [0., 1., 1.]]))
+        layer.B.copy_(torch.tensor([[1., 2.], [0., 1.]]))
         layer.P[0].copy_(torch.tensor([[1., 1.], [0., 2.]]))
         layer.Q[0].zero_()
     # C A = [[1,1,3],[0,2,2]]; B C A = [[1,5,7],[0,2,2]]; times s = 2.
@@ -73,8 +74,11 @@ def test_trainable_parameter_count_closed_form(blocks, core_params):
     d_in, d_out = 16, 12
     layer = layer_with_blocks(list(blocks), d_in=d_in, d_out=d_out)
     r = sum(blocks)
-    trainable = sum(p.numel() for p in layer.parameters() if p.requires_grad)
-    assert trainable == r * (d_in + d_out) + core_params
+    assert layer.n_trainable == r * (d_in + d_out) + core_params
+    # L and U are stored dense (r x r); their masks mark exactly the entries that train.
+    assert [p.shape for p in layer.parameters() if p.requires_grad] == [(r, d_in), (d_out, r), (r, r), (r, r)]
+    masked_in = int(layer.L_mask.sum() + layer.U_mask.sum())
+    assert layer.A.numel() + layer.B.numel() + masked_in == layer.n_trainable
     assert layer.A.shape == (r, d_in) and layer.B.shape == (d_out, r) and layer.core().shape == (r, r)
     assert not layer.base.weight.requires_grad and not layer.base.bias.requires_grad
 
@@ -110,7 +114,7 @@ def test_gradcheck_after_growth_float64():
     randomize(layer)
     x = torch.randn(3, 5, dtype=torch.float64)
     names = [n for n, p in layer.named_parameters() if p.requires_grad]
-    assert len(names) == 8  # A, B, P, Q for each of the two blocks
+    assert names == ["A", "B", "L", "U"]  # one tensor per factor; L and U's masked entries get no gradient
     values = tuple(p.detach().clone().requires_grad_(True) for n, p in layer.named_parameters() if p.requires_grad)
 
     def f(*params):
@@ -124,7 +128,9 @@ def test_growth_preserves_the_function_exactly():
     x = torch.randn(4, 10, dtype=torch.float64)
     before, dW = layer(x), layer.delta_weight()
     new = layer.grow(3)
-    assert [p.shape for p in new] == [(3, 10), (7, 3), (3, 6), (6, 3)]
+    assert all(p is q for p, q in zip(new, [layer.A, layer.B, layer.L, layer.U], strict=True))
+    block = [layer.A[3:], layer.B[:, 3:], layer.P[2], layer.Q[2]]  # the new block's parts
+    assert [p.shape for p in block] == [(3, 10), (7, 3), (3, 6), (6, 3)]
     assert layer.block_sizes == [2, 1, 3] and layer.rank == 6
     # dW is bit-identical; the factored output only moves by rounding, because BLAS sums the
     # longer inner products (now with exact zeros in them) in another order.
@@ -166,8 +172,8 @@ def test_every_factor_gets_a_gradient_after_one_step():
         ((layer(x) - y) ** 2).mean().backward()
     step()
     # At injection only B can move: dW = s B C A with B = 0.
-    assert layer.B_blocks[0].grad.abs().sum() > 0
-    assert layer.A_blocks[0].grad.abs().sum() == 0 and layer.P[0].grad.abs().sum() == 0
+    assert layer.B.grad.abs().sum() > 0
+    assert layer.A.grad.abs().sum() == 0 and layer.L.grad.abs().sum() == 0
     opt.step()
     step()
     for name, p in layer.named_parameters():
@@ -200,7 +206,7 @@ def test_inject_replaces_only_named_linears_and_freezes_the_rest():
     assert list(layers) == ["blocks.0.q", "blocks.0.proj", "blocks.1.q", "blocks.1.proj"]
     assert isinstance(model.blocks[0]["q"], TriAdaptLinear) and isinstance(model.blocks[1]["out_proj"], nn.Linear)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert all(any(k in n for k in ("A_blocks", "B_blocks", ".P.", ".Q.")) for n in trainable)
+    assert all(n.endswith((".A", ".B", ".L", ".U")) for n in trainable)
     adapter_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     idx = torch.randint(0, 10, (4, 5))
@@ -223,7 +229,7 @@ def test_inject_unknown_target_lists_the_valid_ones():
 
 def test_lora_baseline_parameter_count():
     layer = LoRALinear(nn.Linear(16, 12), rank=8, alpha=16.0)
-    assert sum(p.numel() for p in layer.parameters() if p.requires_grad) == 8 * (16 + 12)
+    assert sum(p.numel() for p in layer.parameters() if p.requires_grad) == 8 * (16 + 12) == layer.n_trainable
     assert layer.scale == 2.0
 
 
@@ -232,13 +238,13 @@ def test_lora_baseline_parameter_count():
 def test_orthogonal_penalty_known_values():
     a = layer_with_blocks([2], d_in=4, d_out=3)
     with torch.no_grad():
-        a.A_blocks[0].copy_(torch.eye(4)[:2])        # orthonormal rows
-        a.B_blocks[0].copy_(torch.eye(3)[:, :2])     # orthonormal columns
+        a.A.copy_(torch.eye(4)[:2])        # orthonormal rows
+        a.B.copy_(torch.eye(3)[:, :2])     # orthonormal columns
     assert orthogonal_penalty([a]).item() == 0.0
     b = layer_with_blocks([2], d_in=4, d_out=3)
     with torch.no_grad():
-        b.A_blocks[0].copy_(2 * torch.eye(4)[:2])    # A A^T - I = 3 I_2: norm 3 sqrt(2)
-        b.B_blocks[0].zero_()                        # B^T B - I = -I_2: norm sqrt(2)
+        b.A.copy_(2 * torch.eye(4)[:2])    # A A^T - I = 3 I_2: norm 3 sqrt(2)
+        b.B.zero_()                        # B^T B - I = -I_2: norm sqrt(2)
     # (1 / (2 * 2)) * (0 + 0 + 3 sqrt(2) + sqrt(2)) = sqrt(2)
     assert orthogonal_penalty({"a": a, "b": b}).item() == pytest.approx(math.sqrt(2), rel=1e-6)
 
@@ -339,22 +345,52 @@ def test_allocator_skips_capped_matrices():
     assert alloc.rank_pattern() == {"m0": 2, "m1": 2}
 
 
-def test_grown_parameters_join_the_optimizer_and_update():
+def test_grown_tensors_replace_the_old_ones_in_the_optimizer_with_their_state():
     torch.manual_seed(0)
     layers = toy_layers(n=2)
-    opt = torch.optim.AdamW([p for l in layers.values() for p in l.parameters() if p.requires_grad], lr=1e-2)
+    trainable = lambda: [p for l in layers.values() for p in l.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     alloc = RankAllocator(layers, total_steps=10, target_total_rank=4, schedule="topk", top_k=1, rank_step=1)
-    set_core_scale(layers["m0"], 2.0)
-    assert alloc.step(1, opt) == ["m0"]
-    new = opt.param_groups[-1]["params"]
-    assert len(opt.param_groups) == 2 and [p.shape for p in new] == [(1, 8), (8, 1), (1, 2), (2, 1)]
-    assert new[0] is layers["m0"].A_blocks[1] and new[1] is layers["m0"].B_blocks[1]
-    before = [p.detach().clone() for p in new]
     x = torch.randn(16, 8)
-    opt.zero_grad()
-    ((layers["m1"](layers["m0"](x)) - 1.0) ** 2).mean().backward()
-    opt.step()
-    assert not torch.equal(new[1], before[1])  # new column of B: a gradient at once
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        ((layers["m1"](layers["m0"](x)) - 1.0) ** 2).mean().backward()
+        opt.step()
+    step()
+    m0 = layers["m0"]
+    old_state = {k: v.clone() for k, v in opt.state[m0.B].items()}
+    set_core_scale(m0, 2.0)
+    assert alloc.step(1, opt) == ["m0"]
+    # Still one group, holding exactly the model's trainable tensors, the grown ones in place of the old.
+    assert len(opt.param_groups) == 1
+    assert all(p is q for p, q in zip(opt.param_groups[0]["params"], trainable(), strict=True))
+    assert [p.shape for p in opt.param_groups[0]["params"][:4]] == [(2, 8), (8, 2), (2, 2), (2, 2)]
+    # The state moved along: the old column of B keeps its moments, the new one starts at zero, and
+    # both share the old tensor's step count.
+    state = opt.state[m0.B]
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(state[key][:, :1], old_state[key]) and torch.count_nonzero(state[key][:, 1:]) == 0
+    assert torch.equal(state["step"], old_state["step"])
+    before = m0.B.detach().clone()
+    step()
+    assert torch.count_nonzero(m0.B[:, 1:] - before[:, 1:]) > 0  # new column of B: a gradient at once
+    # Entries outside the blocks stay exactly zero (no gradient; weight decay keeps a zero at zero).
+    assert torch.count_nonzero(m0.L * (1 - m0.L_mask)) == 0
+    assert torch.count_nonzero(m0.U * (1 - m0.U_mask)) == 0
+
+
+def test_count_trainable_uses_the_closed_form():
+    torch.manual_seed(0)
+    model = Toy()
+    layers = inject(model, ["q", "proj"], rank=1)
+    layers["blocks.0.q"].grow(4)          # blocks (1, 4): 5 (8 + 8) + 2 (1 + 4 * 5) = 122
+    model.norm.requires_grad_(True)       # 16 trainable numbers outside the adapters
+    assert layers["blocks.0.q"].n_trainable == 122 and layers["blocks.0.proj"].n_trainable == 18  # 16 + 2
+    assert count_trainable(model) == 122 + 3 * 18 + 16
+    lora = Toy()
+    inject(lora, ["q"], layer_cls=LoRALinear, rank=8)
+    assert count_trainable(lora) == 2 * 8 * (8 + 8)
 
 
 def test_allocator_state_round_trip_rebuilds_shapes_and_groups():
@@ -374,6 +410,68 @@ def test_allocator_state_round_trip_rebuilds_shapes_and_groups():
     assert [[p.shape for p in g["params"]] for g in opt2.param_groups] == \
         [[p.shape for p in g["params"]] for g in opt.param_groups]
     assert alloc2.prev == alloc.prev and alloc2.scores == alloc.scores
+
+
+def test_allocator_sync_decides_who_grows():
+    layers = toy_layers(n=3)
+    opt = optimizer_for(layers)
+    seen = []
+
+    def sync(norms):  # e.g. rank 0's norms broadcast to every process; here: m2 always looks fastest
+        seen.append(dict(norms))
+        return {n: (10.0 * len(seen) if n == "m2" else v) for n, v in norms.items()}
+    alloc = RankAllocator(layers, total_steps=10, target_total_rank=6, schedule="topk", top_k=1,
+                          rank_step=1, sync=sync)
+    assert seen == [{"m0": 1.0, "m1": 1.0, "m2": 1.0}] and alloc.prev["m2"] == 10.0  # at construction
+    set_core_scale(layers["m0"], 5.0)  # the local norms say m0
+    assert alloc.step(1, opt) == ["m2"]
+    assert len(seen) == 2 and seen[1]["m0"] == pytest.approx(5.0)
+    assert alloc.scores == pytest.approx({"m0": 4.0, "m1": 0.0, "m2": 10.0})
+
+
+def test_resume_after_growth_continues_bit_identically():
+    """Train with growth, save (model, optimizer, allocator), rebuild fresh, replay, load: the same steps."""
+    x, y = torch.randint(0, 10, (6, 5)), torch.randn(6, 5)
+
+    def build():
+        torch.manual_seed(0)
+        model = Toy()
+        layers = inject(model, ["q", "proj", "out_proj"], rank=1, ref_rank=3)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2,
+                                betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+        alloc = RankAllocator(layers, total_steps=8, schedule="linear", warmup=1, interval=2, rank_step=2)
+        return model, layers, opt, alloc
+
+    def train(model, layers, opt, alloc, steps):
+        losses = []
+        for t in steps:
+            loss = ((model(x) - y) ** 2).mean() + 0.1 * orthogonal_penalty(layers)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            alloc.step(t, opt)
+            losses.append(loss.item())
+        return losses
+
+    model, layers, opt, alloc = build()
+    first = train(model, layers, opt, alloc, range(1, 5))
+    saved = [copy.deepcopy(s) for s in (model.state_dict(), opt.state_dict(), alloc.state_dict())]
+    rng = torch.get_rng_state()
+    shapes = [[p.shape for p in g["params"]] for g in opt.param_groups]
+    assert alloc.events  # grown before the checkpoint
+    straight = train(model, layers, opt, alloc, range(5, 9))
+    model2, layers2, opt2, alloc2 = build()
+    alloc2.load_state_dict(saved[2], opt2)
+    model2.load_state_dict(saved[0])
+    opt2.load_state_dict(saved[1])
+    torch.set_rng_state(rng)
+    assert [[p.shape for p in g["params"]] for g in opt2.param_groups] == shapes
+    resumed = train(model2, layers2, opt2, alloc2, range(5, 9))
+    assert len(alloc.events) > len(saved[2]["events"])  # and grown after it
+    assert first and resumed == straight and alloc2.events == alloc.events
+    for (n, p), (n2, p2) in zip(model.state_dict().items(), model2.state_dict().items(), strict=True):
+        assert n == n2 and torch.equal(p, p2), n
 
 
 def test_budget_below_initial_rank_is_refused():
