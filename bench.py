@@ -21,14 +21,20 @@ finetune()). Reports the test split (never used to choose anything), mean +- std
 the fraction of the base-to-full gap each method closes.
 """
 import argparse
+import collections
+import contextlib
+import io
 import json
 import os
 import platform
+import shlex
 import statistics
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import data
 import train
@@ -55,44 +61,106 @@ def machine():
 
 # ----------------------------------------------------------------------------- speed
 
-def make_variant(name, config, rank, rank_step, device):
+ORTH_REG = 0.1  # lambda of the triangular runs' loss, train.py's --orth-reg default
+
+
+def adamw(params, lr=1e-4):
+    """The optimizer train.py builds (weight decay at its default, 0), the same for every method."""
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
+
+
+def train_step(model, layers, opt, xy, orth_reg=ORTH_REG):
+    """One training step as train.py takes it: loss (+ orth_reg * R_orth over the TriAdapt `layers`, if any),
+    backward, gradient clipping to norm 1, AdamW step, zero_grad(set_to_none=True)."""
+    loss = model(xy[:, :-1], xy[:, 1:])[1]
+    if layers and orth_reg:
+        loss = loss + orth_reg * triadapt.orthogonal_penalty(layers)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
+def grow_by_allocator(model, layers, opt, batches, rank_step):
+    """Train real steps under a RankAllocator (no warmup, a round after every step, linear schedule over
+    10 steps) until the total rank reaches the budget, ref_rank per matrix: the adapters, and the
+    optimizer's groups and state, as training leaves them. Returns the allocator."""
+    alloc = triadapt.RankAllocator(layers, total_steps=10, warmup=0, interval=1, rank_step=rank_step)
+    t = 0
+    while alloc.total_rank < alloc.target_total_rank:
+        t += 1
+        train_step(model, layers, opt, batches[t % len(batches)])
+        alloc.step(t, opt)
+    return alloc
+
+
+def make_batches(config, batch_size, device, n=4):
+    g = torch.Generator().manual_seed(0)
+    shape = (batch_size, config.block_size + 1)
+    return [torch.randint(0, 256, shape, generator=g).to(device) for _ in range(n)]
+
+
+def make_variant(name, config, rank, rank_step, device, batches):
+    """(model, TriAdapt layers or {}, optimizer) of one method; the grown triangular variants grow from
+    rank 1 through the allocator in real training steps on `batches` (see grow_by_allocator)."""
     torch.manual_seed(0)
     model = GPT(config).to(device)
     targets = list(train.TARGETS)
+    layers = {}
     if name == "lora":
         triadapt.inject(model, targets, layer_cls=triadapt.LoRALinear, rank=rank)
-    elif name == "full":
-        pass
-    else:
+    elif name != "full":
         cls = MaterializedTriAdaptLinear if name == "materialized" else triadapt.TriAdaptLinear
-        first = rank if name == "tri (1 block)" else 1
-        layers = triadapt.inject(model, targets, layer_cls=cls, rank=first, ref_rank=rank)
-        for layer in layers.values():
-            while layer.rank < rank:
-                layer.grow(min(rank_step, rank - layer.rank))
-    params = [p for p in model.parameters() if p.requires_grad]
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, triadapt.TriAdaptLinear)}
-    return model, layers, torch.optim.AdamW(params, lr=1e-4)
+        layers = triadapt.inject(model, targets, layer_cls=cls, rank=rank if name == "tri (1 block)" else 1,
+                                 ref_rank=rank)
+    opt = adamw([p for p in model.parameters() if p.requires_grad])
+    if layers and sum(l.rank for l in layers.values()) < rank * len(layers):
+        grow_by_allocator(model, layers, opt, batches, rank_step)
+    return model, layers, opt
 
 
-def time_steps(config, rank, rank_step, device, batch_size, steps, variants):
-    """Median seconds per training step of each variant, interleaved on the same batches."""
-    g = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, 256, (batch_size, config.block_size + 1), generator=g).to(device) for _ in range(4)]
-    built = {v: make_variant(v, config, rank, rank_step, device) for v in variants}
-    times = {v: [] for v in variants}
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched while active, by name: the forward's, autograd's backward
+    (gelu_backward, mm, ...) and the optimizer's (_fused_adamw_, ...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(step_fn):
+    """The number of aten ops one call of step_fn dispatches (each call of an op counts once)."""
+    with OpCounter() as counter:
+        step_fn()
+    return sum(counter.ops.values())
+
+
+def op_counts(built, xy):
+    """Aten ops per training step of each built variant; TriAdapt variants also without R_orth."""
+    counts = {}
+    for v, (model, layers, opt) in built.items():
+        for orth_reg in ((ORTH_REG, 0.0) if layers else (0.0,)):
+            label = v if orth_reg or not layers else f"{v}, no R_orth"
+            train_step(model, layers, opt, xy, orth_reg)  # uncounted: AdamW's state exists from here on
+            counts[label] = count_ops(lambda: train_step(model, layers, opt, xy, orth_reg))
+    return counts
+
+
+def time_steps(built, batches, steps, device):
+    """Median seconds per training step of each built variant, interleaved on the same batches."""
+    times = {v: [] for v in built}
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for i in range(steps + 3):  # the first 3 rounds warm up allocators and caches
         xy = batches[i % len(batches)]
         for v, (model, layers, opt) in built.items():
             sync()
             t0 = time.perf_counter()
-            loss = model(xy[:, :-1], xy[:, 1:])[1]
-            if layers:
-                loss = loss + 0.1 * triadapt.orthogonal_penalty(layers)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            train_step(model, layers, opt, xy)
             sync()
             if i >= 3:
                 times[v].append(time.perf_counter() - t0)
@@ -104,7 +172,7 @@ def allocator_fraction(config, args, steps=120):
     torch.manual_seed(0)
     model = GPT(config).to(args.device)
     layers = triadapt.inject(model, list(train.TARGETS), rank=1, ref_rank=args.rank)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    opt = adamw([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     alloc = triadapt.RankAllocator(layers, total_steps=steps, warmup=10, interval=10)
     g = torch.Generator().manual_seed(0)
     in_alloc, rounds = 0.0, 0
@@ -112,10 +180,7 @@ def allocator_fraction(config, args, steps=120):
     t_start = time.perf_counter()
     for t in range(1, steps + 1):
         xy = torch.randint(0, 256, (args.batch_size, config.block_size + 1), generator=g).to(args.device)
-        loss = model(xy[:, :-1], xy[:, 1:])[1] + 0.1 * triadapt.orthogonal_penalty(layers)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(model, layers, opt, xy)
         sync()
         t0 = time.perf_counter()
         alloc.step(t, opt)
@@ -127,50 +192,84 @@ def allocator_fraction(config, args, steps=120):
 
 
 def speed(args):
+    """Step times (skipped with --steps 0), aten ops per step, and the allocator's share of a run."""
     variants = ["lora", "tri (1 block)", "tri (grown)", "materialized", "full"]
     shapes = [("default", GPTConfig()), ("wide", GPTConfig(n_embd=384, n_head=6))]
     rank_step = max(1, args.rank // 2)
     print(f"machine: {machine()}, device {args.device}")
-    print(f"median seconds of one training step (batch {args.batch_size} x {GPTConfig().block_size}, rank {args.rank}, "
-          f"grown in blocks {[1] + [rank_step] * ((args.rank - 1) // rank_step) + ([(args.rank - 1) % rank_step] if (args.rank - 1) % rank_step else [])}), "
-          f"{args.steps} interleaved steps each")
-    results = {}
-    header = f"{'shape':<8} {'n_embd':>6} " + " ".join(f"{v:>14}" for v in variants)
-    print(header)
+    print(f"batch {args.batch_size} x {GPTConfig().block_size}, rank {args.rank}: tri (1 block) is one block of "
+          f"rank {args.rank}; tri (grown) and materialized\ngrew from rank 1 by {rank_step} through the allocator, "
+          f"in real steps, to the budget of {args.rank} per matrix. One step: loss (+ {ORTH_REG} R_orth\n"
+          f"for tri), backward, clip_grad_norm_, fused AdamW, zero_grad(set_to_none=True).")
+    times, ops, groups = {}, {}, {}
     for label, config in shapes:
-        med = time_steps(config, args.rank, rank_step, args.device, args.batch_size, args.steps, variants)
-        results[label] = med
-        print(f"{label:<8} {config.n_embd:>6} " + " ".join(f"{med[v] * 1e3:>11.1f} ms" for v in variants))
-    print("\nratios")
-    print(f"{'shape':<8} {'tri(1)/lora':>12} {'tri(grown)/lora':>16} {'materialized/tri':>17} {'full/lora':>10}")
-    for label, med in results.items():
-        print(f"{label:<8} {med['tri (1 block)'] / med['lora']:>12.3f} {med['tri (grown)'] / med['lora']:>16.3f} "
-              f"{med['materialized'] / med['tri (grown)']:>17.3f} {med['full'] / med['lora']:>10.3f}")
-    frac, rounds, total_rank = allocator_fraction(GPTConfig(), args)
-    print(f"\nallocator: {rounds} rounds in a 120-step fine-tune (default shape) took {100 * frac:.2f}% of its time "
-          f"(total rank grew to {total_rank})")
-    return results
+        batches = make_batches(config, args.batch_size, args.device)
+        built = {v: make_variant(v, config, args.rank, rank_step, args.device, batches) for v in variants}
+        groups[label] = {v: len(opt.param_groups) for v, (_, _, opt) in built.items()}
+        if args.steps:
+            times[label] = time_steps(built, batches, args.steps, args.device)
+        ops[label] = op_counts(built, batches[0])
+    if times:
+        print(f"\nmedian milliseconds of one training step, {args.steps} interleaved steps each")
+        print(f"{'shape':<8} {'n_embd':>6} " + " ".join(f"{v:>14}" for v in variants))
+        for label, config in shapes:
+            ms = " ".join(f"{times[label][v] * 1e3:>11.1f} ms" for v in variants)
+            print(f"{label:<8} {config.n_embd:>6} {ms}")
+        print("\nratios")
+        print(f"{'shape':<8} {'tri(1)/lora':>12} {'tri(grown)/lora':>16} {'materialized/tri':>17} {'full/lora':>10}")
+        for label, t in times.items():
+            print(f"{label:<8} {t['tri (1 block)'] / t['lora']:>12.3f} {t['tri (grown)'] / t['lora']:>16.3f} "
+                  f"{t['materialized'] / t['tri (grown)']:>17.3f} {t['full'] / t['lora']:>10.3f}")
+    columns = list(ops["default"])  # the variants, and the tri ones also without R_orth
+    width = {c: max(8, len(c)) for c in columns}
+    print("\naten ops per training step (count_ops), and the optimizer's param groups")
+    print(f"{'':<16} " + " ".join(f"{c:>{width[c]}}" for c in columns))
+    for label in ops:
+        print(f"{label + ' ops':<16} " + " ".join(f"{ops[label][c]:>{width[c]},}" for c in columns))
+        print(f"{label + ' groups':<16} " + " ".join(f"{groups[label][c.split(',')[0]]:>{width[c]}}" for c in columns))
+    print(f"\n{'shape':<8} {'ops tri(grown), no R_orth / lora':>33} {'ops tri(grown) / lora':>22}")
+    for label, n in ops.items():
+        print(f"{label:<8} {n['tri (grown), no R_orth'] / n['lora']:>33.2f} {n['tri (grown)'] / n['lora']:>22.2f}")
+    if args.steps:
+        frac, rounds, total_rank = allocator_fraction(GPTConfig(), args)
+        print(f"\nallocator: {rounds} rounds in a 120-step fine-tune (default shape) took {100 * frac:.2f}% "
+              f"of its time (total rank grew to {total_rank})")
+    return {"seconds": times, "ops": ops, "param_groups": groups}
 
 
 # ----------------------------------------------------------------------------- quality
 
 def quality(args):
-    """Fine-tune every method for every seed from one shared base; returns the raw metrics."""
+    """Fine-tune every method for every seed from one shared base; returns the raw metrics.
+
+    Every run has its own folder under <out-dir>/bench: a finished run (metrics.json after its last
+    step) is reused, an interrupted one continues from its checkpoint, so rerunning the same command
+    after an interrupt loses nothing but the steps since the last checkpoint."""
     common = ["--device", args.device, "--iters", str(args.iters), "--sample-len", "0", "--eval-interval", str(args.iters)]
     if args.task == "classify":
         common += ["--arch", "encoder", "--task", "classify"]
     if args.quick:
         common += ["--pretrain-iters", "100", "--warmup", "10", "--eval-iters", "5", "--iters", "60", "--eval-interval", "60", "--probe-iters", "20"]
     common += args.train_args
+    procs = train.Procs()
 
     def parsed(*extra, out_dir=args.out_dir):
-        targs = train.build_parser().parse_args(common + ["--out-dir", out_dir] + list(extra))
-        train.validate(targs)
+        argv = common + ["--out-dir", out_dir] + list(extra)
+        said = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(said):
+                targs = train.build_parser().parse_args(argv)
+        except SystemExit:  # argparse's own message, without its usage lines
+            raise train.UsageError(f"--train-args: {said.getvalue().strip().splitlines()[-1].partition('error: ')[2]}") from None
+        train.validate(targs, train.explicit_flags(argv))
+        targs.resume_command = args.command
         return targs
 
     base_args = parsed()
-    base_splits, ft_splits, digest = train.prepare_data(base_args)
-    base = train.pretrain(base_args, base_splits, digest)
+    corpora = train.read_corpora(base_args)
+    train.make_out_dir(base_args)
+    base_splits, ft_splits, digest = train.cache_corpora(base_args, procs, *corpora)
+    base = train.pretrain(base_args, procs, base_splits, digest)
     classify = args.task == "classify"
     results = {"task": args.task, "machine": machine(), "methods": {},
                "base": None if classify else base_losses(base, ft_splits, base_args)}
@@ -180,11 +279,9 @@ def quality(args):
         for seed in range(args.seeds):
             targs = parsed("--schedule", schedule, "--seed", str(args.first_seed + seed), *extra,
                            out_dir=os.path.join(args.out_dir, "bench", f"{label.replace(' ', '_')}-seed{seed}"))
-            if classify:
-                task = train.ClassifyTask(ft_splits, targs)
-                runs.append(train.finetune(targs, schedule, base, task, n_classes=len(data.CLASS_PACKAGES)))
-            else:
-                runs.append(train.finetune(targs, schedule, base, train.LMTask(ft_splits, targs)))
+            targs.status = {schedule: train.run_status(targs, schedule)}
+            task = (data.ClassifyTask if classify else data.LMTask)(ft_splits, targs)
+            runs.append(train.finetune(targs, procs, schedule, base, task, n_classes=len(data.CLASS_PACKAGES) if classify else 0))
         results["methods"][label] = runs
 
     for schedule in ("linear", "exponential", "topk"):
@@ -206,7 +303,7 @@ def quality(args):
 def base_losses(base_ckpt, ft_splits, args):
     model = GPT(GPTConfig(**base_ckpt["config"])).to(args.device_name)
     model.load_state_dict(base_ckpt["model"])
-    task = train.LMTask(ft_splits, args)
+    task = data.LMTask(ft_splits, args)
     return {"val_loss": task.evaluate(model, "val")["loss"], "test_loss": task.evaluate(model, "test")["loss"]}
 
 
@@ -267,7 +364,8 @@ def heat_map(metrics):
     return "\n".join(lines)
 
 
-def main():
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description="Measure TriAdaptLoRA against plain LoRA, a dW-materializing variant and full fine-tuning.")
     p.add_argument("what", choices=("speed", "quality"), help="speed: step times and ratios; quality: losses over seeds")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to run")
@@ -282,26 +380,51 @@ def main():
     p.add_argument("--methods", default="linear,exponential,topk,lora,full", help="quality: which methods to run (lora also runs the parameter-matched rank when linear runs)")
     p.add_argument("--task", default="lm", choices=("lm", "classify"), help="quality: lm (GPT on the documentation, losses) or classify (encoder, package labels, accuracy)")
     p.add_argument("--train-args", default="", help="quality: extra train.py flags for every run, e.g. '--warmup 100 --interval 20'")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    args.command = "python " + " ".join(shlex.quote(a) for a in ["bench.py"] + argv) + "  (the same command: finished runs are kept)"
+    try:
+        return run_bench(args)
+    except (train.UsageError, data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except train.TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; continue with: {args.command}", file=sys.stderr)
+        return 130
+
+
+def run_bench(args):
     args.train_args = args.train_args.split()
-    args.methods = args.methods.split(",")
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    known = ("linear", "exponential", "topk", "lora", "full")
+    bad = [m for m in args.methods if m not in known] or ([] if args.methods else ["(none)"])
+    if bad:
+        raise train.UsageError(f"unknown method {bad[0]!r} in --methods: choose from {', '.join(known)}")
+    for name in ("rank", "batch_size", "steps", "iters", "seeds"):
+        if getattr(args, name) <= 0:
+            raise train.UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.first_seed < 0:
+        raise train.UsageError(f"--first-seed must not be negative, got {args.first_seed}")
     if args.device == "cuda" and not torch.cuda.is_available():
-        p.exit(2, "error: --device cuda, but CUDA is not available here\n")
+        raise train.UsageError("--device cuda, but CUDA is not available here")
     if args.what == "speed":
         speed(args)
-        return
+        return 0
     t0 = time.time()
     results = quality(args)
     print(f"\nquality on the {args.task} task, {args.seeds} seeds, {args.iters if not args.quick else 60} steps each; test split; "
           f"machine: {results['machine']}; {time.time() - t0:.0f} s in all")
     print(accuracy_table(results) if args.task == "classify" else quality_table(results))
-    print("\nlinear schedule, first seed: rank of every matrix after each allocation round")
     if "linear" in results["methods"]:
+        print("\nlinear schedule, first seed: rank of every matrix after each allocation round")
         print(heat_map(results["methods"]["linear"][0]))
     path = os.path.join(args.out_dir, f"bench_quality_{args.task}.json")
     train.save_json(results, path)
     print(f"raw numbers: {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

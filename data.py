@@ -14,8 +14,13 @@ sha256 of the text it was built from: a changed source rebuilds the cache.
 
 For the encoder: classification_splits() cuts fixed-length snippets of standard-library source,
 labelled by the package they come from, split by file so that no file is in two splits.
+
+The tasks at the end (LMTask, MLMTask, ClassifyTask) are what the training loop talks to: a batch
+drawn on the CPU, the number of targets in a slice of it (its weight in the batch's mean loss), the
+loss of a model on it, and an evaluation on a split.
 """
 import ast
+import contextlib
 import hashlib
 import json
 import os
@@ -139,26 +144,34 @@ def build_cache(name, data, source, cache_dir):
     return {split: np.memmap(os.path.join(folder, f"{split}.bin"), dtype=np.uint8, mode="r") for split in SPLITS}
 
 
-def get_batch(data, batch_size, block_size, device, generator=None):
-    """batch_size random windows of data: inputs x and next-token targets y, both (B, T)."""
+def get_batch(data, batch_size, block_size, generator=None):
+    """batch_size random windows of data: inputs x and next-token targets y, both (B, T), on the CPU.
+
+    Batches stay on the CPU until the training loop has cut this process's slice of them: one
+    host-to-device copy each (to_device)."""
     ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
-    x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix.tolist()])
+    x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix.tolist()])  # (B, T)
     y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix.tolist()])
+    return x, y
+
+
+def to_device(t, device):
+    """One host-to-device copy, pinned and asynchronous on CUDA."""
     if torch.device(device).type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 # ----------------------------------------------------------------------------- encoder data
 
 def mask_tokens(x, mask_id, rate=0.15, generator=None):
-    """BERT masking: pick `rate` of the positions; of those 80% -> mask_id, 10% -> random byte,
-    10% unchanged. Targets are the original tokens at picked positions and -1 (ignored) elsewhere."""
-    u = torch.rand(x.shape, generator=generator, device="cpu").to(x.device)
+    """BERT masking of a CPU batch: pick `rate` of the positions; of those 80% -> mask_id, 10% -> random
+    byte, 10% unchanged. Targets are the original tokens at picked positions and -1 (ignored) elsewhere."""
+    u = torch.rand(x.shape, generator=generator)
     picked = u < rate
     targets = torch.where(picked, x, torch.full_like(x, -1))
-    action = torch.rand(x.shape, generator=generator, device="cpu").to(x.device)
-    randoms = torch.randint(256, x.shape, generator=generator, device="cpu").to(x.device)
+    action = torch.rand(x.shape, generator=generator)
+    randoms = torch.randint(256, x.shape, generator=generator)
     x = torch.where(picked & (action < 0.8), torch.full_like(x, mask_id), x)
     x = torch.where(picked & (action >= 0.8) & (action < 0.9), randoms, x)
     return x, targets
@@ -218,3 +231,87 @@ def classification_holdout_files():
     """The val and test files of the classification task: the encoder must not pretrain on them."""
     _, split_of = classification_files()
     return sorted(p for p, s in split_of.items() if s != "train")
+
+
+# ----------------------------------------------------------------------------- tasks
+
+def amp(device, dtype):
+    """bf16 autocast when dtype is "bf16", else nothing."""
+    if dtype == "bf16":
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class LMTask:
+    """Next-byte prediction on a cached corpus. `args` needs batch_size, block_size, eval_iters,
+    device_name and dtype; evaluation uses the same windows every time (a generator of its own)."""
+
+    def __init__(self, splits, args):
+        self.splits, self.args = splits, args
+
+    def batch(self, split, gen):
+        return get_batch(self.splits[split], self.args.batch_size, self.args.block_size, gen)  # CPU (B, T)
+
+    def count(self, y):
+        """Targets in y: a slice's weight in the mean loss of the whole batch."""
+        return y.numel()
+
+    def loss(self, model, x, y):
+        return model(x, y)[1]
+
+    @torch.no_grad()
+    def evaluate(self, model, split):
+        model.eval()
+        gen, device = torch.Generator().manual_seed(1234), self.args.device_name
+        total = torch.zeros((), device=device)
+        for _ in range(self.args.eval_iters):
+            x, y = (to_device(t, device) for t in self.batch(split, gen))
+            with amp(device, self.args.dtype):
+                total += self.loss(model, x, y).float()
+        model.train()
+        return {"loss": total.item() / self.args.eval_iters}  # one host sync per evaluation
+
+
+class MLMTask(LMTask):
+    """Masked-byte prediction for the encoder: 15% of positions, BERT's 80/10/10 replacement,
+    masked on the CPU before the batch's single copy to the device."""
+
+    def batch(self, split, gen):
+        x, _ = super().batch(split, gen)
+        return mask_tokens(x, mask_id=256, generator=gen)
+
+    def count(self, y):
+        return int((y != -1).sum())  # y is on the CPU: no device sync
+
+
+class ClassifyTask:
+    """Snippets of standard-library source labelled by package; accuracy over the whole split."""
+
+    def __init__(self, splits, args):
+        self.splits, self.args = splits, args
+
+    def batch(self, split, gen):
+        x, y = self.splits[split]
+        ix = torch.randint(len(x), (self.args.batch_size,), generator=gen)
+        return x[ix], y[ix]  # CPU (B, T), (B,)
+
+    def count(self, y):
+        return len(y)
+
+    def loss(self, model, x, y):
+        return model.classify(x, y)[1]
+
+    @torch.no_grad()
+    def evaluate(self, model, split):
+        model.eval()
+        x, y = self.splits[split]
+        device = self.args.device_name
+        loss, correct = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)
+        for i in range(0, len(x), 256):
+            xb, yb = to_device(x[i:i + 256], device), to_device(y[i:i + 256], device)
+            with amp(device, self.args.dtype):
+                logits, l = model.classify(xb, yb)
+            loss += l.float() * len(xb)
+            correct += (logits.argmax(-1) == yb).sum()
+        model.train()
+        return {"loss": loss.item() / len(x), "acc": correct.item() / len(x)}

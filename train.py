@@ -5,8 +5,9 @@ Pretrain a small transformer, then fine-tune it through growing triangular adapt
     python train.py --schedule linear --device cuda    # the same run on a GPU
     python train.py --schedule linear,lora,full --iters 200   # several methods, one comparison table
     python train.py --arch encoder --task classify     # BERT-style encoder, sequence classification
+    torchrun --standalone --nproc_per_node=2 train.py  # the same run on 2 processes (DDP)
 
-The flow: (1) tokenize and cache the two corpora (data.py); (2) pretrain a base model on the
+The flow: (1) read, check and cache the two corpora (data.py); (2) pretrain a base model on the
 base corpus, or reuse the one saved under --out-dir/base for the same settings; (3) for each
 --schedule: load the base, freeze it, inject adapters (triadapt.py), and train --iters steps of
 
@@ -15,11 +16,20 @@ base corpus, or reuse the one saved under --out-dir/base for the same settings; 
     allocator.step(t, optimizer)                    # may grow ranks; new blocks join the optimizer
 
 then print the losses, the trainable parameters and the final rank of every adapted matrix, and
-write <out-dir>/<run>/metrics.json and ckpt.pt. A checkpoint holds everything needed to continue
-bit-for-bit (--resume): parameters, the growth events, optimizer and allocator state, RNG states.
+write <out-dir>/<run>/metrics.json and ckpt.pt. Pretraining and fine-tuning share one loop
+(train_loop), which checkpoints every --eval-interval steps; a checkpoint holds everything needed
+to continue bit-for-bit (--resume): parameters, growth events, optimizer and allocator state, RNG
+states and the history so far.
+
+Several processes (torchrun): --batch-size is the global batch. Every process draws the same
+global batch and trains on its own 1/N of it, in --grad-accum micro-steps, each weighted by its
+share of the batch's targets, so gradients, growth decisions and logged losses equal one process's
+up to the order of float sums.
 """
 import argparse
 import contextlib
+import datetime
+import glob
 import hashlib
 import json
 import math
@@ -29,10 +39,12 @@ import shlex
 import signal
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
@@ -41,7 +53,12 @@ from model import GPT, GPTConfig
 
 SCHEDULES = ("linear", "exponential", "topk", "lora", "full")
 TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out")
-SHAPE_KEYS = ("arch", "task", "n_layer", "n_head", "n_embd", "block_size", "targets")
+# Flags that change what a run computes: --resume refuses a checkpoint made with other values.
+TRAJECTORY = ("arch", "task", "n_layer", "n_head", "n_embd", "block_size", "data", "dtype", "batch_size", "seed",
+              "iters", "lr", "lr_warmup", "weight_decay", "init_from")
+ADAPTER_TRAJECTORY = ("targets", "ref_rank", "alpha")                     # lora and the growing schedules
+GROWTH_TRAJECTORY = ("init_rank", "rank_step", "budget", "max_rank", "warmup", "interval", "top_k", "orth_reg")
+PRETRAIN_TRAJECTORY = ("base_data", "pretrain_iters", "pretrain_lr")  # they make the base, unless --init-from
 
 
 class UsageError(Exception):
@@ -60,15 +77,17 @@ def build_parser():
     p.add_argument("--task", default="lm", choices=("lm", "classify"), help="lm: fine-tune on the documentation text; classify: label source snippets by package (needs --arch encoder)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto picks cuda when available")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bf16"), help="auto: bf16 autocast on a CUDA GPU that supports it, float32 otherwise")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model for training (checkpoints hold the uncompiled model)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training step; recompiled after each growth round (checkpoints hold the uncompiled model)")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager is for tests)")
     p.add_argument("--data", default=None, help="fine-tuning text file (default: Python's own documentation, pydoc_data.topics)")
     p.add_argument("--base-data", default=None, help="pretraining text file (default: the standard library's .py sources)")
-    p.add_argument("--init-from", default=None, help="a base checkpoint to fine-tune instead of pretraining one")
+    p.add_argument("--init-from", default=None, help="a base checkpoint to fine-tune instead of pretraining one; the model shape comes from it")
     p.add_argument("--out-dir", default="out", help="where caches, the base model and each run's checkpoint and metrics go")
     p.add_argument("--pretrain-iters", type=int, default=1500, help="optimizer steps of pretraining")
     p.add_argument("--pretrain-lr", type=float, default=2e-3, help="peak learning rate of pretraining")
     p.add_argument("--iters", type=int, default=600, help="optimizer steps of fine-tuning, per schedule")
-    p.add_argument("--batch-size", type=int, default=32, help="sequences per step")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per optimizer step, over all processes together")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-steps each process splits its share of the batch into")
     p.add_argument("--block-size", type=int, default=128, help="context length in bytes")
     p.add_argument("--n-layer", type=int, default=4, help="transformer blocks")
     p.add_argument("--n-head", type=int, default=4, help="attention heads")
@@ -76,10 +95,11 @@ def build_parser():
     p.add_argument("--lr", type=float, default=None, help="peak fine-tuning learning rate (default: 2e-3 for adapters, 3e-4 for full)")
     p.add_argument("--lr-warmup", type=int, default=30, help="steps of linear learning-rate warmup before the cosine decay")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay of the trained parameters")
-    p.add_argument("--eval-interval", type=int, default=100, help="steps between validation (and checkpoint) points")
+    p.add_argument("--eval-interval", type=int, default=100, help="steps between validation (and checkpoint) points, in pretraining and fine-tuning")
     p.add_argument("--eval-iters", type=int, default=20, help="batches per validation estimate (the same batches every time)")
+    p.add_argument("--log-interval", type=int, default=10, help="steps between reading the train loss back from the device (and a log line when stdout is not a terminal)")
     p.add_argument("--seed", type=int, default=1337, help="seed of the model init, the batches and the adapters")
-    p.add_argument("--resume", action="store_true", help="continue each schedule from <out-dir>/<run>/ckpt.pt")
+    p.add_argument("--resume", action="store_true", help="continue interrupted runs from <out-dir>/<run>/ckpt.pt, keep finished ones, start the others")
     p.add_argument("--ref-rank", type=int, default=8, help="r_ref: average rank per matrix the budget allows; plain LoRA's rank; s = alpha / r_ref")
     p.add_argument("--init-rank", type=int, default=1, help="k_0: rank of every adapter at injection")
     p.add_argument("--rank-step", type=int, default=None, help="k: rank added per growth (default max(1, r_ref // 2))")
@@ -93,8 +113,17 @@ def build_parser():
     p.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated linears to adapt, from {', '.join(TARGETS)}")
     p.add_argument("--probe-iters", type=int, default=200, help="classify: steps training the head alone before fine-tuning (its accuracy is 'before')")
     p.add_argument("--sample-len", type=int, default=200, help="bytes of text to sample at the end of an lm run")
-    p.add_argument("--stop-after", type=int, default=None, help="save a checkpoint and stop after this fine-tuning step, as an interrupt would (to test --resume)")
+    p.add_argument("--stop-after", type=int, default=None, help="save a checkpoint and stop after this step of each run, as an interrupt would (to test --resume)")
+    p.add_argument("--dist-timeout", type=int, default=600, help="seconds a process waits for the others in a collective before failing")
     return p
+
+
+def explicit_flags(argv):
+    """The flags given on the command line, as argparse dests (the others hold their defaults)."""
+    p = build_parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv)))
 
 
 # ----------------------------------------------------------------------------- checking the input
@@ -104,11 +133,17 @@ def load_checkpoint(path, what="checkpoint"):
         return torch.load(path, map_location="cpu", weights_only=False)
     except FileNotFoundError:
         raise UsageError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise UsageError(f"{what} {path} is a directory, not a file") from None
     except Exception as e:  # a truncated or foreign file fails in many ways inside torch.load
         raise UsageError(f"{what} {path} is truncated or corrupt ({type(e).__name__})") from None
 
 
-def validate(args):
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def validate(args, explicit=()):
     """Every check that can fail on the user's input, before anything is written."""
     args.schedules = [s.strip() for s in args.schedule.split(",") if s.strip()]
     bad = [s for s in args.schedules if s not in SCHEDULES] or ([] if args.schedules else [args.schedule])
@@ -118,16 +153,27 @@ def validate(args):
     bad = [t for t in args.target_list if t not in TARGETS] or ([] if args.target_list else [args.targets])
     if bad:
         raise UsageError(f"unknown target module {bad[0]!r}: choose from {', '.join(TARGETS)}")
-    for name in ("iters", "batch_size", "block_size", "n_layer", "n_head", "n_embd", "eval_interval",
-                 "eval_iters", "ref_rank", "init_rank", "interval", "top_k"):
+    for name in ("iters", "batch_size", "grad_accum", "block_size", "n_layer", "n_head", "n_embd", "eval_interval",
+                 "eval_iters", "log_interval", "ref_rank", "init_rank", "interval", "top_k", "dist_timeout"):
         if getattr(args, name) <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+            raise UsageError(f"{flag(name)} must be positive, got {getattr(args, name)}")
     for name in ("pretrain_iters", "warmup", "lr_warmup", "probe_iters", "sample_len"):
         if getattr(args, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
-    for name in ("lr", "pretrain_lr", "rank_step", "budget", "max_rank"):
+            raise UsageError(f"{flag(name)} must not be negative, got {getattr(args, name)}")
+    for name in ("lr", "pretrain_lr", "alpha", "orth_reg", "weight_decay"):
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise UsageError(f"{flag(name)} must be a finite number, got {value}")
+    for name in ("lr", "pretrain_lr", "alpha", "rank_step", "budget", "max_rank", "stop_after"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+            raise UsageError(f"{flag(name)} must be positive, got {getattr(args, name)}")
+    for name in ("orth_reg", "weight_decay"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"{flag(name)} must not be negative, got {getattr(args, name)}")
+    if not 0 <= args.seed < 2 ** 32:
+        raise UsageError(f"--seed must be in [0, 2**32 - 1], got {args.seed}")
+    if args.init_from:
+        take_shape_from_base(args, explicit)
     if args.n_embd % args.n_head:
         raise UsageError(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
     if args.warmup >= args.iters:
@@ -140,40 +186,115 @@ def validate(args):
     args.budget_total = args.budget or args.ref_rank * n_matrices
     if args.init_rank * n_matrices > args.budget_total:
         raise UsageError(f"budget {args.budget_total} is below the initial total rank {args.init_rank} x {n_matrices} matrices = {args.init_rank * n_matrices}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda, but CUDA is not available here (try --device cpu)")
-    args.device_name = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.dtype == "bf16" and args.device_name == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UsageError("--dtype bf16 is not supported on this GPU (use --dtype float32)")
-    if args.dtype == "auto":
-        args.dtype = "bf16" if args.device_name == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    validate_processes(args)
     # data files: read once here, so that a bad file costs nothing
     args.finetune_text = args.base_text = None
-    for flag, attr in (("data", "finetune_text"), ("base_data", "base_text")):
-        path = getattr(args, flag)
+    for name, attr in (("data", "finetune_text"), ("base_data", "base_text")):
+        path = getattr(args, name)
         if path is not None:
             text = data.read_text_file(path)
             data.check_length(text, args.block_size, f"data file {path}")
             setattr(args, attr, text)
-    if args.init_from:
-        base = load_checkpoint(args.init_from, "base checkpoint")
-        if "model" not in base or "config" not in base:
-            raise UsageError(f"base checkpoint {args.init_from} holds no model and config")
-    if args.resume:
-        for schedule in args.schedules:
-            path = os.path.join(run_dir(args, schedule), "ckpt.pt")
-            ckpt = load_checkpoint(path)
-            if not isinstance(ckpt, dict) or "step" not in ckpt or "args" not in ckpt:
-                raise UsageError(f"checkpoint {path} is not a training checkpoint")
-            if ckpt["schedule"] != schedule:
-                raise UsageError(f"checkpoint {path} is from schedule {ckpt['schedule']!r}, not {schedule!r}")
-            for key in SHAPE_KEYS:
-                if ckpt["args"].get(key) != getattr(args, key):
-                    raise UsageError(f"checkpoint {path} was made with --{key.replace('_', '-')} {ckpt['args'].get(key)}, not {getattr(args, key)}")
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise UsageError(f"--out-dir {args.out_dir} is a file, not a folder")
+    check_resume(args)
+
+
+def take_shape_from_base(args, explicit):
+    """--init-from: the model's shape is the base's; a flag that says otherwise is an error."""
+    base = load_checkpoint(args.init_from, "base checkpoint")
+    if not isinstance(base, dict) or "model" not in base or "config" not in base:
+        raise UsageError(f"base checkpoint {args.init_from} holds no model and config")
+    cfg = base["config"]
+    with torch.device("meta"):  # the keys of the model this config builds, without its memory
+        expected = GPT(GPTConfig(**cfg)).state_dict().keys()
+    mismatch = key_mismatch(expected, base["model"].keys())
+    if mismatch:
+        raise UsageError(f"base checkpoint {args.init_from} does not fit its config: {mismatch}")
+    shape = {"arch": "encoder" if cfg["bidirectional"] else "gpt", "n_layer": cfg["n_layer"],
+             "n_head": cfg["n_head"], "n_embd": cfg["n_embd"], "block_size": cfg["block_size"]}
+    for key, value in shape.items():
+        if key in explicit and getattr(args, key) != value:
+            raise UsageError(f"{flag(key)} {getattr(args, key)} contradicts the base checkpoint {args.init_from}, "
+                             f"which has {key} {value} (drop the flag)")
+        setattr(args, key, value)
+
+
+def key_mismatch(expected, found):
+    """None when the keys agree, else one short line: the counts and the first offender."""
+    missing, unexpected = [k for k in expected if k not in found], [k for k in found if k not in expected]
+    if not missing and not unexpected:
+        return None
+    first = (missing or unexpected)[0]
+    return (f"{len(missing)} missing and {len(unexpected)} unexpected keys, "
+            f"the first {'missing' if missing else 'unexpected'} one {first!r}")
+
+
+def validate_processes(args):
+    """The device, and under torchrun the split of the batch over processes and micro-steps."""
+    args.world = int(os.environ.get("WORLD_SIZE", "1"))
+    args.rank = int(os.environ.get("RANK", "0"))
+    args.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if args.batch_size % (args.world * args.grad_accum):
+        raise UsageError(f"--batch-size {args.batch_size} is not divisible by {args.world} processes x "
+                         f"--grad-accum {args.grad_accum}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but CUDA is not available here (try --device cpu)")
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if cuda and args.world > 1 and int(os.environ.get("LOCAL_WORLD_SIZE", args.world)) > torch.cuda.device_count():
+        raise UsageError(f"{os.environ.get('LOCAL_WORLD_SIZE', args.world)} processes on this machine, but only "
+                         f"{torch.cuda.device_count()} GPU(s): one GPU per process")
+    args.device_name = (f"cuda:{args.local_rank}" if args.world > 1 else "cuda") if cuda else "cpu"
+    if args.dtype == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise UsageError("--dtype bf16 is not supported on this GPU (use --dtype float32)")
+    if args.dtype == "auto":
+        args.dtype = "bf16" if cuda and torch.cuda.is_bf16_supported() else "float32"
+
+
+def check_resume(args):
+    """With --resume: which runs are finished, interrupted or not begun; their settings must match."""
+    args.status = {s: run_status(args, s) if args.resume else "new" for s in args.schedules}
+    if not args.resume:
+        return
+    partial = glob.glob(os.path.join(args.out_dir, "base", "*.partial.pt"))
+    if all(s == "new" for s in args.status.values()) and not partial:
+        path = os.path.join(run_dir(args, args.schedules[0]), "ckpt.pt")
+        raise UsageError(f"nothing to resume: checkpoint {path} does not exist, nor an interrupted pretraining")
+
+
+def run_status(args, schedule):
+    """"done" (metrics.json written after the last step), "resume" (a checkpoint) or "new"."""
+    path = os.path.join(run_dir(args, schedule), "ckpt.pt")
+    if not os.path.exists(path):
+        return "new"
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict) or "step" not in ckpt or "args" not in ckpt:
+        raise UsageError(f"checkpoint {path} is not a training checkpoint")
+    if ckpt.get("schedule") != schedule:
+        raise UsageError(f"checkpoint {path} is from schedule {ckpt.get('schedule')!r}, not {schedule!r}")
+    check_same_settings(ckpt["args"], args, path, schedule)
+    done = ckpt["step"] >= args.iters and os.path.exists(os.path.join(run_dir(args, schedule), "metrics.json"))
+    return "done" if done else "resume"
+
+
+def check_same_settings(saved, args, path, schedule):
+    keys = TRAJECTORY + (() if args.init_from else PRETRAIN_TRAJECTORY)
+    keys += (ADAPTER_TRAJECTORY if schedule != "full" else ()) + (GROWTH_TRAJECTORY if schedule in triadapt.SCHEDULES else ())
+    for key in keys:
+        if saved.get(key) != getattr(args, key):
+            raise UsageError(f"checkpoint {path} was made with {flag(key)} {saved.get(key)}, not {getattr(args, key)}")
 
 
 def run_dir(args, schedule):
     return os.path.join(args.out_dir, schedule if args.task == "lm" else f"{args.task}-{schedule}")
+
+
+def make_out_dir(args):
+    """The first write of a run: after every check has passed."""
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out-dir {args.out_dir} cannot be created: {e.strerror}") from None
 
 
 # ----------------------------------------------------------------------------- small utilities
@@ -205,6 +326,14 @@ def get_lr(t, peak, warmup, total):
     return peak / 10 + (peak - peak / 10) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def make_optimizer(params, lr, weight_decay):
+    """AdamW, fused into one kernel per param group where this torch supports it (CPU and CUDA)."""
+    try:
+        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+
+
 def rng_state(batch_gen):
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None, "batch": batch_gen.get_state()}
@@ -219,120 +348,350 @@ def set_rng_state(state, batch_gen):
     batch_gen.set_state(state["batch"])
 
 
-class Interrupts:
-    """First Ctrl-C: finish the step, save, exit with a resume command. Second: exit at once."""
+def resume_command(argv, prog="train.py"):
+    """The command line that continues this one: the same flags, --resume, no --stop-after."""
+    out, skip = [prog], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--stop-after":
+            skip = True
+        elif not a.startswith("--stop-after=") and a != "--resume":
+            out.append(a)
+    return "python " + " ".join(shlex.quote(a) for a in out + ["--resume"])
 
-    def __init__(self):
-        self.requested = False
+
+class Interrupts:
+    """Ctrl-C (or SIGTERM, as torchrun sends on shutdown): finish the step, save, exit with a resume
+    command. A second Ctrl-C exits at once. Under torchrun the processes agree on the step to stop at."""
+
+    def __init__(self, procs):
+        self.procs, self.requested = procs, False
 
     def __enter__(self):
-        self.previous = signal.signal(signal.SIGINT, self.handle)
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
     def handle(self, signum, frame):
-        if self.requested:
+        # torchrun passes on the Ctrl-C its workers already got: only a later second one means "now"
+        if self.requested and signum == signal.SIGINT and time.time() - self.first > 1.0:
             print("\nsecond interrupt: exiting now", file=sys.stderr, flush=True)
             os._exit(130)
-        self.requested = True
-        print("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to quit at once)", file=sys.stderr, flush=True)
+        if not self.requested and self.procs.master:
+            print("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to quit at once)", file=sys.stderr, flush=True)
+        if not self.requested:
+            self.requested, self.first = True, time.time()
+
+    def agreed(self):
+        """True on every process when any process was interrupted (a CPU all-reduce: no device sync)."""
+        if self.procs.world == 1:
+            return self.requested
+        flag_ = torch.tensor([int(self.requested)])
+        dist.all_reduce(flag_, op=dist.ReduceOp.MAX, group=self.procs.ctrl)
+        return bool(flag_.item())
 
 
-def autocast(args):
-    if args.dtype == "bf16":
-        return torch.autocast(device_type=args.device_name, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+# ----------------------------------------------------------------------------- several processes
+
+@dataclass
+class Procs:
+    """This process's place under torchrun (rank 0 of 1 without it)."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    ctrl: object = None  # a gloo group for small CPU messages (stop flags, growth norms)
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier(group=self.ctrl)
+
+    def broadcast_norms(self, norms):
+        """The allocator's sync: every process scores the norms that rank 0 measured."""
+        values = torch.tensor([norms[n] for n in norms], dtype=torch.float64)
+        dist.broadcast(values, src=0, group=self.ctrl)
+        return dict(zip(norms, values.tolist()))
 
 
-# ----------------------------------------------------------------------------- the tasks
-
-class LMTask:
-    """Next-byte prediction on a cached corpus; evaluation uses the same windows every time."""
-
-    def __init__(self, splits, args):
-        self.splits, self.args = splits, args
-
-    def batch(self, split, gen):
-        return data.get_batch(self.splits[split], self.args.batch_size, self.args.block_size, self.args.device_name, gen)
-
-    def loss(self, model, x, y):
-        return model(x, y)[1]
-
-    @torch.no_grad()
-    def evaluate(self, model, split):
-        model.eval()
-        gen = torch.Generator().manual_seed(1234)
-        losses = []
-        for _ in range(self.args.eval_iters):
-            x, y = self.batch(split, gen)
-            with autocast(self.args):
-                losses.append(self.loss(model, x, y).item())
-        model.train()
-        return {"loss": sum(losses) / len(losses)}
+def start_processes(args):
+    if args.world == 1:
+        return Procs()
+    cuda = args.device_name.startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(args.local_rank)
+    timeout = datetime.timedelta(seconds=args.dist_timeout)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+    ctrl = dist.new_group(backend="gloo", timeout=timeout) if cuda else dist.group.WORLD
+    return Procs(dist.get_rank(), dist.get_world_size(), args.local_rank, ctrl)
 
 
-class MLMTask(LMTask):
-    """Masked-byte prediction for the encoder: 15% of positions, BERT's 80/10/10 replacement."""
-
-    def batch(self, split, gen):
-        x, _ = super().batch(split, gen)
-        xm, targets = data.mask_tokens(x.cpu(), mask_id=256, generator=gen)
-        return xm.to(x.device), targets.to(x.device)
+def params_digest(model):
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        h.update(name.encode() + p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
-class ClassifyTask:
-    """Snippets of standard-library source labelled by package; accuracy over the whole split."""
-
-    def __init__(self, splits, args):
-        self.splits, self.args = splits, args
-
-    def batch(self, split, gen):
-        x, y = self.splits[split]
-        ix = torch.randint(len(x), (self.args.batch_size,), generator=gen)
-        return x[ix].to(self.args.device_name), y[ix].to(self.args.device_name)
-
-    def loss(self, model, x, y):
-        return model.classify(x, y)[1]
-
-    @torch.no_grad()
-    def evaluate(self, model, split):
-        model.eval()
-        x, y = self.splits[split]
-        loss, correct = 0.0, 0
-        for i in range(0, len(x), 256):
-            xb, yb = x[i:i + 256].to(self.args.device_name), y[i:i + 256].to(self.args.device_name)
-            with autocast(self.args):
-                logits, l = model.classify(xb, yb)
-            loss += l.item() * len(xb)
-            correct += (logits.argmax(-1) == yb).sum().item()
-        model.train()
-        return {"loss": loss / len(x), "acc": correct / len(x)}
+def check_in_sync(model, procs, where):
+    """Every process must hold bitwise the same parameters; a drift is a bug, so stop loudly."""
+    if procs.world == 1:
+        return
+    digests = [None] * procs.world
+    dist.all_gather_object(digests, params_digest(model), group=procs.ctrl)
+    if len(set(digests)) > 1:
+        raise TrainingError(f"{where}: the processes' parameters differ (digests {sorted(set(digests))})")
 
 
-def prepare_data(args):
-    """The base and fine-tuning corpora as cached memmaps, plus the sha256 that names the base."""
-    cache = os.path.join(args.out_dir, "data")
+# ----------------------------------------------------------------------------- the training loop
+
+@dataclass
+class Run:
+    """One training run (pretraining, or one schedule's fine-tune): what the loop needs and what its
+    checkpoint holds."""
+    name: str
+    model: torch.nn.Module            # the plain model: what is saved and evaluated
+    task: object
+    optimizer: torch.optim.Optimizer
+    peak_lr: float
+    lr_warmup: int
+    iters: int
+    ckpt_path: str
+    batch_gen: torch.Generator
+    layers: dict = field(default_factory=dict)
+    allocator: object = None
+    orth_reg: float = 0.0
+    step: int = 0
+    history: list = field(default_factory=list)
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)  # saved and restored as is (schedule, before, ...)
+    last_good: str = None
+
+
+class Objective(torch.nn.Module):
+    """The task loss and the orthogonal penalty as one forward, so that torch.compile and DDP see the
+    whole computation (ClassifyTask calls model.classify, which DDP alone would not hook)."""
+
+    def __init__(self, model, task, layers):
+        super().__init__()
+        self.model, self.task = model, task
+        self.adapters = list(layers.values())  # a plain list: the layers are registered once, in model
+
+    def forward(self, x, y):
+        loss = self.task.loss(self.model, x, y)
+        return loss, (triadapt.orthogonal_penalty(self.adapters) if self.adapters else None)
+
+
+def wrap(run, args, procs):
+    """What the loop calls, rebuilt after every growth round. DDP hooks gradient synchronization onto
+    the parameters that exist when it is built, so blocks added by a growth would otherwise train
+    unsynchronized; rebuilding it also broadcasts rank 0's parameters, new blocks included. And a
+    fresh torch.compile per shape never reaches dynamo's recompile limit (a round costs one compile)."""
+    step_fn = Objective(run.model, run.task, run.layers if run.orth_reg else {})
+    if args.compile:
+        torch._dynamo.reset()
+        step_fn = torch.compile(step_fn, backend=args.compile_backend)
+    if procs.world > 1:
+        step_fn = DDP(step_fn, device_ids=[procs.local_rank] if args.device_name.startswith("cuda") else None)
+    return step_fn
+
+
+def my_micro_batches(x, y, task, procs, k):
+    """This process's 1/N of the global batch in k micro-batches, each with its share of the targets."""
+    n = len(x) // procs.world
+    x, y, total = x[procs.rank * n:(procs.rank + 1) * n], y[procs.rank * n:(procs.rank + 1) * n], task.count(y)
+    m = n // k
+    return [(x[i * m:(i + 1) * m], y[i * m:(i + 1) * m], task.count(y[i * m:(i + 1) * m]) / total) for i in range(k)]
+
+
+class Progress:
+    """A bar on a terminal; otherwise a line every --log-interval steps. Only rank 0 prints."""
+
+    def __init__(self, run, args, procs):
+        self.run, self.args, self.on = run, args, procs.master
+        tty = self.on and sys.stderr.isatty()
+        self.bar = tqdm(total=run.iters, initial=run.step, desc=run.name, dynamic_ncols=True) if tty else None
+        self.reset_clock(run.step)
+
+    def reset_clock(self, step):
+        self.t_last, self.step_last = time.time(), step
+
+    def step(self):
+        if self.bar is not None:
+            self.bar.update()
+
+    def log(self, t, lr):
+        """Called after the losses up to step t were read back, so the times are real on a GPU too."""
+        now = time.time()
+        n, dt = t - self.step_last, max(now - self.t_last, 1e-9)
+        entry = self.run.history[-1]
+        rank = entry["total_rank"] if self.run.layers else "-"
+        stats = dict(loss=f"{entry['train_loss']:.4f}", lr=f"{lr:.2e}", rank=rank, ms=f"{1000 * dt / max(n, 1):.1f}")
+        if self.bar is not None:
+            self.bar.set_postfix(stats)
+        elif self.on and n and t % self.args.log_interval == 0:
+            tokens = n * self.args.batch_size * self.args.block_size / dt
+            print(f"[{self.run.name}] step {t}/{self.run.iters} | loss {stats['loss']} | lr {stats['lr']} | "
+                  f"rank {rank} | {stats['ms']} ms/step | {tokens:,.0f} tok/s", flush=True)
+        self.reset_clock(t)
+
+    def write(self, message):
+        if self.on:
+            (self.bar.write if self.bar is not None else print)(message)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def checkpoint_state(run, args, t0):
+    return {"name": run.name, "args": public_args(args), "model_config": asdict(run.model.config),
+            "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "allocator": run.allocator.state_dict() if run.allocator else None,
+            "rank_pattern": {n: list(getattr(l, "block_sizes", [l.rank])) for n, l in run.layers.items()},
+            "step": run.step, "rng": rng_state(run.batch_gen), "history": run.history,
+            "seconds": run.seconds + time.time() - t0, **run.extra}
+
+
+def restore(run, ckpt, path):
+    """Growth first (shapes and param groups), then the model's and optimizer's state, then the rest."""
+    if run.allocator is not None:
+        run.allocator.load_state_dict(ckpt["allocator"], run.optimizer)
+    run.model.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    set_rng_state(ckpt["rng"], run.batch_gen)
+    run.step, run.history, run.seconds = ckpt["step"], ckpt["history"], ckpt["seconds"]
+    run.extra = {k: ckpt[k] for k in run.extra}
+    run.last_good = path
+
+
+def flush(run, pending, procs):
+    """Read (loss, gradient norm) of the last steps back from the device: the loop's only regular
+    host sync, once every --log-interval steps. Summed over processes, a loss is the global batch's
+    mean. A non-finite gradient norm means the step wrote non-finite parameters."""
+    if not pending:
+        return
+    values = torch.stack(pending)  # (steps, 2)
+    if procs.world > 1:
+        dist.all_reduce(values)
+    values = values.tolist()
+    entries = run.history[len(run.history) - len(values):]
+    for entry, (loss, norm) in zip(entries, values):
+        entry["train_loss"], entry["grad_norm"] = loss, norm / procs.world  # the norm is the same on every process
+    pending.clear()
+    bad = next((i for i, v in enumerate(values) if not all(map(math.isfinite, v))), None)
+    if bad is not None:
+        what = "loss" if not math.isfinite(values[bad][0]) else "gradient norm"
+        raise TrainingError(f"[{run.name}] {what} is {values[bad][0 if what == 'loss' else 1]} at step {entries[bad]['step']} "
+                            f"(steps {entries[0]['step']}..{entries[-1]['step']} read back); "
+                            f"last good checkpoint: {run.last_good or 'none yet'}")
+
+
+def train_loop(run, args, procs):
+    """Steps run.step + 1 .. run.iters: learning rate, micro-batches, backward, clipping, AdamW,
+    growth, then the read-back of losses, evaluations and checkpoints at their intervals."""
+    model, opt, amp = run.model, run.optimizer, data.amp(args.device_name, args.dtype)
+    params = [p for p in model.parameters() if p.requires_grad]  # rebuilt after resume and growth
+    step_fn, pending, t0 = wrap(run, args, procs), [], time.time()
+    progress = Progress(run, args, procs)
+    with Interrupts(procs) as stop:
+        for t in range(run.step + 1, run.iters + 1):
+            lr = get_lr(t, run.peak_lr, run.lr_warmup, run.iters)
+            for g in opt.param_groups:  # groups added by growth follow the same schedule
+                g["lr"] = lr
+            x, y = run.task.batch("train", run.batch_gen)  # the global batch, alike on every process
+            step_loss = 0.0
+            for i, (xm, ym, share) in enumerate(my_micro_batches(x, y, run.task, procs, args.grad_accum)):
+                last = i == args.grad_accum - 1
+                with step_fn.no_sync() if procs.world > 1 and not last else contextlib.nullcontext():
+                    with amp:
+                        loss, penalty = step_fn(data.to_device(xm, args.device_name), data.to_device(ym, args.device_name))
+                    # DDP averages gradients over processes; the shares sum to 1 over all of them
+                    objective = loss * (share * procs.world)
+                    if penalty is not None:
+                        objective = objective + run.orth_reg * penalty / args.grad_accum
+                    objective.backward()
+                step_loss = step_loss + loss.detach().float() * share
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if run.allocator is not None and run.allocator.step(t, opt):
+                params = [p for p in model.parameters() if p.requires_grad]
+                step_fn = wrap(run, args, procs)
+            run.step = t
+            run.history.append({"step": t, "train_loss": None, "total_rank": sum(l.rank for l in run.layers.values())})
+            pending.append(torch.stack([step_loss, grad_norm.float()]))
+            progress.step()
+            evaluate = t % args.eval_interval == 0 or t == run.iters
+            stopping = stop.agreed() or t == args.stop_after
+            if evaluate or stopping or t % args.log_interval == 0:
+                flush(run, pending, procs)
+                progress.log(t, lr)
+            if evaluate:
+                if procs.master:
+                    run.history[-1]["val_loss"] = run.task.evaluate(model, "val")["loss"]
+                    progress.write(f"[{run.name}] step {t}: val loss {run.history[-1]['val_loss']:.4f}")
+                run.last_good = save(run, args, t0, procs)
+            if stopping:
+                path = save(run, args, t0, procs)
+                progress.close()
+                if procs.master:
+                    print(f"[{run.name}] stopped after step {t}; checkpoint {path}\nresume with: {args.resume_command}", flush=True)
+                procs.barrier()
+                raise SystemExit(130 if stop.requested else 0)
+            if evaluate:
+                progress.reset_clock(t)
+    progress.close()
+    run.seconds += time.time() - t0
+
+
+def save(run, args, t0, procs):
+    check_in_sync(run.model, procs, f"[{run.name}] step {run.step}")
+    if procs.master:
+        atomic_save(checkpoint_state(run, args, t0), run.ckpt_path)
+    return run.ckpt_path
+
+
+# ----------------------------------------------------------------------------- data and pretraining
+
+def read_corpora(args):
+    """The base text (and its sha256) and the fine-tuning text or snippets, checked, nothing written."""
     holdout = data.classification_holdout_files() if args.arch == "encoder" else ()
     if args.base_text is not None:
-        base_text, base_src = args.base_text, args.base_data
+        base = (args.base_text, args.base_data, "base-file")
     else:
-        base_text, base_src = data.base_corpus(exclude=holdout)
-        data.check_length(base_text, args.block_size, "the standard library's sources")
-    name = ("encoder-" if holdout and args.base_text is None else "") + ("base" if args.base_text is None else "base-file")
-    base = data.build_cache(name, base_text, base_src, cache)
-    digest = hashlib.sha256(base_text).hexdigest()
+        text, src = data.base_corpus(exclude=holdout)
+        data.check_length(text, args.block_size, "the standard library's sources")
+        base = (text, src, ("encoder-" if holdout else "") + "base")
     if args.task == "classify":
-        return base, data.classification_splits(args.block_size), digest
+        splits = data.classification_splits(args.block_size)
+        empty = [s for s, (x, _) in splits.items() if len(x) == 0]
+        if empty:
+            raise data.DataError(f"--block-size {args.block_size} leaves no classification snippet in the {empty[0]} split")
+        return base, splits
     if args.finetune_text is not None:
-        ft_text, ft_src = args.finetune_text, args.data
-    else:
-        ft_text, ft_src = data.finetune_corpus()
-    return base, data.build_cache("finetune" if args.data is None else "finetune-file", ft_text, ft_src, cache), digest
+        return base, (args.finetune_text, args.data, "finetune-file")
+    text, src = data.finetune_corpus()
+    data.check_length(text, args.block_size, f"the fine-tuning corpus ({src})")
+    return base, (text, src, "finetune")
 
 
-# ----------------------------------------------------------------------------- pretraining
+def cache_corpora(args, procs, base, finetune):
+    """Rank 0 writes the caches while the others wait; then everyone opens them."""
+    cache = os.path.join(args.out_dir, "data")
+    for turn in ("master", "others"):
+        if procs.master == (turn == "master"):
+            base_splits = data.build_cache(base[2], base[0], base[1], cache)
+            ft_splits = finetune if args.task == "classify" else data.build_cache(finetune[2], finetune[0], finetune[1], cache)
+        procs.barrier()
+    return base_splits, ft_splits, hashlib.sha256(base[0]).hexdigest()
+
 
 def model_config(args):
     return GPTConfig(vocab_size=257 if args.arch == "encoder" else 256, block_size=args.block_size,
@@ -340,8 +699,9 @@ def model_config(args):
                      bidirectional=args.arch == "encoder")
 
 
-def pretrain(args, base_splits, digest):
-    """Train the base model from scratch, or load the one saved for these settings; returns its checkpoint."""
+def pretrain(args, procs, base_splits, digest):
+    """Train the base model from scratch (continuing an interrupted pretraining of the same settings),
+    or load the one saved for these settings; returns its checkpoint."""
     if args.init_from:
         return load_checkpoint(args.init_from, "base checkpoint")
     config = model_config(args)
@@ -350,67 +710,136 @@ def pretrain(args, base_splits, digest):
     path = os.path.join(args.out_dir, "base", hashlib.sha256(key.encode()).hexdigest()[:12] + ".pt")
     if os.path.exists(path):
         ckpt = load_checkpoint(path, "base checkpoint")
-        print(f"base model: reusing {path} (val loss {ckpt['val_loss']:.4f})")
+        if procs.master:
+            print(f"base model: reusing {path} (val loss {ckpt['val_loss']:.4f})")
         return ckpt
     torch.manual_seed(args.seed)
     model = GPT(config).to(args.device_name)
-    task = (MLMTask if args.arch == "encoder" else LMTask)(base_splits, args)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.pretrain_lr, betas=(0.9, 0.95), weight_decay=0.1)
-    gen = torch.Generator().manual_seed(args.seed)
-    trained = torch.compile(model) if args.compile else model
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"pretraining a {n_params / 1e6:.2f}M-parameter {args.arch} on {args.pretrain_iters} x {args.batch_size} x {args.block_size} bytes")
-    bar = tqdm(range(1, args.pretrain_iters + 1), desc="pretrain", dynamic_ncols=True, disable=None)
-    with Interrupts() as stop:
-        for t in bar:
-            lr = get_lr(t, args.pretrain_lr, min(100, args.pretrain_iters // 10), args.pretrain_iters)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            x, y = task.batch("train", gen)
-            with autocast(args):
-                loss = task.loss(trained, x, y)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"pretraining loss is {loss.item()} at step {t}; try a lower --pretrain-lr")
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if t % 50 == 0 or t == 1:
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-            if stop.requested:
-                raise TrainingError(f"pretraining interrupted at step {t}; no base model saved: the next run pretrains again")
-    val = task.evaluate(model, "val")["loss"]
-    ckpt = {"model": model.state_dict(), "config": asdict(config), "args": public_args(args), "val_loss": val, "key": key}
-    atomic_save(ckpt, path)
-    print(f"base model: val loss {val:.4f}, saved to {path}")
+    task = (data.MLMTask if args.arch == "encoder" else data.LMTask)(base_splits, args)
+    run = Run("pretrain", model, task, make_optimizer(model.parameters(), args.pretrain_lr, 0.1), args.pretrain_lr,
+              min(100, args.pretrain_iters // 10), args.pretrain_iters, path.replace(".pt", ".partial.pt"),
+              torch.Generator().manual_seed(args.seed), extra={"key": key})
+    if os.path.exists(run.ckpt_path):
+        restore(run, load_checkpoint(run.ckpt_path), run.ckpt_path)
+        if procs.master:
+            print(f"pretraining: continuing from step {run.step} ({run.ckpt_path})")
+    elif procs.master:
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"pretraining a {n_params / 1e6:.2f}M-parameter {args.arch} on {args.pretrain_iters} x {args.batch_size} x {args.block_size} bytes")
+    train_loop(run, args, procs)
+    ckpt = {"model": model.state_dict(), "config": asdict(config), "args": public_args(args), "key": key,
+            "val_loss": run.history[-1].get("val_loss") if run.history else task.evaluate(model, "val")["loss"]}
+    if procs.master:
+        atomic_save(ckpt, path)
+        os.remove(run.ckpt_path) if os.path.exists(run.ckpt_path) else None
+        print(f"base model: val loss {ckpt['val_loss']:.4f}, saved to {path}")
+    procs.barrier()
     return ckpt
 
 
 # ----------------------------------------------------------------------------- fine-tuning
 
 def public_args(args):
-    return {k: v for k, v in vars(args).items() if k not in ("finetune_text", "base_text")}
+    return {k: v for k, v in vars(args).items() if k not in ("finetune_text", "base_text", "status")}
 
 
 def build_finetune_model(args, schedule, base_ckpt, n_classes):
-    """The base with its method applied: (model, adapter layers, trainable parameters)."""
+    """The base with its method applied: (model, adapter layers)."""
     config = GPTConfig(**{**base_ckpt["config"], "n_classes": n_classes})
     torch.manual_seed(args.seed)
     model = GPT(config)
-    missing, unexpected = model.load_state_dict(base_ckpt["model"], strict=False)
-    if unexpected or any(not k.startswith("cls_head") for k in missing):
-        raise UsageError(f"base checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
+    mismatch = key_mismatch([k for k in model.state_dict() if not k.startswith("cls_head")], base_ckpt["model"].keys())
+    if mismatch:
+        raise UsageError(f"base checkpoint does not fit the model: {mismatch}")
+    model.load_state_dict(base_ckpt["model"], strict=False)  # the classification head is new
     model.to(args.device_name)
     layers = {}
-    if schedule == "full":
-        pass
-    elif schedule == "lora":
+    if schedule == "lora":
         layers = triadapt.inject(model, args.target_list, layer_cls=triadapt.LoRALinear, rank=args.ref_rank, alpha=args.alpha)
-    else:
+    elif schedule != "full":
         layers = triadapt.inject(model, args.target_list, rank=args.init_rank, alpha=args.alpha, ref_rank=args.ref_rank)
     if model.cls_head is not None:  # the head is new, so it trains in every schedule
         model.cls_head.requires_grad_(True)
-    return model, layers, [p for p in model.parameters() if p.requires_grad]
+    return model, layers
+
+
+def finetune(args, procs, schedule, base_ckpt, task, n_classes=0):
+    """Fine-tune one schedule to --iters steps (or from its checkpoint); returns its metrics."""
+    folder = run_dir(args, schedule)
+    if args.status[schedule] == "done":
+        if procs.master:
+            print(f"[{schedule}] finished earlier: keeping {os.path.join(folder, 'metrics.json')}")
+        with open(os.path.join(folder, "metrics.json")) as f:
+            return json.load(f)
+    model, layers = build_finetune_model(args, schedule, base_ckpt, n_classes)
+    lr = args.lr or (3e-4 if schedule == "full" else 2e-3)
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], lr, args.weight_decay)
+    allocator = None
+    if schedule in triadapt.SCHEDULES:
+        allocator = triadapt.RankAllocator(layers, total_steps=args.iters, target_total_rank=args.budget_total,
+                                           schedule=schedule, warmup=args.warmup, interval=args.interval,
+                                           rank_step=args.rank_step, top_k=args.top_k, max_rank=args.max_rank,
+                                           sync=procs.broadcast_norms if procs.world > 1 else None)
+    run = Run(schedule, model, task, optimizer, lr, args.lr_warmup, args.iters, os.path.join(folder, "ckpt.pt"),
+              torch.Generator().manual_seed(args.seed), layers, allocator, args.orth_reg if allocator else 0.0,
+              extra={"schedule": schedule, "before": None})
+    if args.status[schedule] == "resume":
+        restore(run, load_checkpoint(run.ckpt_path), run.ckpt_path)
+        if procs.master:
+            print(f"[{schedule}] resumed from {run.ckpt_path} at step {run.step}")
+    elif n_classes and args.probe_iters:
+        run.extra["before"] = linear_probe(args, procs, model, task, run.batch_gen)
+    else:
+        run.extra["before"] = task.evaluate(model, "val") if procs.master else None
+    if procs.master:
+        print(f"[{schedule}] {triadapt.count_trainable(model):,} trainable parameters; val before: "
+              + ", ".join(f"{k} {v:.4f}" for k, v in run.extra["before"].items()))
+    train_loop(run, args, procs)
+    check_in_sync(model, procs, f"[{schedule}] end")
+    return report(args, run, folder) if procs.master else None
+
+
+def linear_probe(args, procs, model, task, gen):
+    """Train the classification head alone on the frozen base: the 'before' accuracy of every schedule.
+    Every process trains it on the whole batch, so the heads stay identical without communication."""
+    head = torch.optim.AdamW(model.cls_head.parameters(), lr=1e-2)
+    amp = data.amp(args.device_name, args.dtype)
+    for _ in tqdm(range(args.probe_iters), desc="head only", dynamic_ncols=True, disable=not (procs.master and sys.stderr.isatty())):
+        x, y = (data.to_device(t, args.device_name) for t in task.batch("train", gen))
+        with torch.no_grad(), amp:
+            h = model.hidden(x).mean(dim=1)  # (B, C); the base is frozen: no graph through it
+        loss = torch.nn.functional.cross_entropy(model.cls_head(h.float()), y)
+        loss.backward()
+        head.step()
+        head.zero_grad(set_to_none=True)
+    return task.evaluate(model, "val") if procs.master else None
+
+
+def report(args, run, folder):
+    model, layers, task, before = run.model, run.layers, run.task, run.extra["before"]
+    val, test = task.evaluate(model, "val"), task.evaluate(model, "test")
+    metrics = {"schedule": run.name, "val_loss_before": before["loss"], "val_loss": val["loss"], "test_loss": test["loss"],
+               "trainable_params": triadapt.count_trainable(model),
+               "rank_pattern": {n: l.rank for n, l in layers.items()}, "total_rank": sum(l.rank for l in layers.values()),
+               "block_sizes": {n: list(l.block_sizes) for n, l in layers.items() if hasattr(l, "block_sizes")},
+               "growth_events": run.allocator.events if run.allocator else [], "seconds": run.seconds,
+               "world_size": args.world, "config": public_args(args), "history": run.history}
+    if "acc" in val:
+        metrics.update(val_acc_before=before["acc"], val_acc=val["acc"], test_acc=test["acc"])
+    save_json(metrics, os.path.join(folder, "metrics.json"))
+    print(f"\n[{run.name}] val loss {before['loss']:.4f} -> {val['loss']:.4f} (test {test['loss']:.4f})"
+          + (f", val acc {before['acc']:.3f} -> {val['acc']:.3f} (test {test['acc']:.3f})" if "acc" in val else "")
+          + f"; {metrics['trainable_params']:,} trainable parameters; {run.seconds:.1f} s")
+    if layers:
+        print(f"final ranks (total {metrics['total_rank']}):\n{rank_table(layers)}")
+    if args.task == "lm" and args.arch == "gpt" and args.sample_len:
+        gen = torch.Generator(device=args.device_name).manual_seed(args.seed)
+        prompt = torch.tensor([data.encode("The ")], device=args.device_name)
+        model.eval()
+        with data.amp(args.device_name, args.dtype):
+            out = model.generate(prompt, args.sample_len, temperature=0.8, top_k=50, generator=gen)
+        print("sample:\n" + data.decode(out[0].tolist()))
+    return metrics
 
 
 def rank_table(layers):
@@ -424,134 +853,6 @@ def rank_table(layers):
     return "\n".join(lines)
 
 
-def finetune(args, schedule, base_ckpt, task, n_classes=0):
-    """Fine-tune one schedule to --iters steps (or from its checkpoint); returns its metrics."""
-    folder = run_dir(args, schedule)
-    ckpt_path = os.path.join(folder, "ckpt.pt")
-    model, layers, params = build_finetune_model(args, schedule, base_ckpt, n_classes)
-    lr = args.lr or (3e-4 if schedule == "full" else 2e-3)
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
-    allocator = None
-    if schedule in triadapt.SCHEDULES:
-        allocator = triadapt.RankAllocator(layers, total_steps=args.iters, target_total_rank=args.budget_total,
-                                           schedule=schedule, warmup=args.warmup, interval=args.interval,
-                                           rank_step=args.rank_step, top_k=args.top_k, max_rank=args.max_rank)
-    batch_gen = torch.Generator().manual_seed(args.seed)
-    trained = torch.compile(model) if args.compile else model
-    start, history, seconds, before = 0, [], 0.0, {}
-    if args.resume:
-        ckpt = load_checkpoint(ckpt_path)
-        if allocator is not None:
-            allocator.load_state_dict(ckpt["allocator"], optimizer)  # shapes and param groups first
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"], batch_gen)
-        start, history, seconds, before = ckpt["step"], ckpt["history"], ckpt["seconds"], ckpt["before"]
-        print(f"[{schedule}] resumed from {ckpt_path} at step {start}")
-    else:
-        if n_classes and args.probe_iters:
-            before = linear_probe(args, model, task, batch_gen)
-        else:
-            before = task.evaluate(model, "val")
-    print(f"[{schedule}] {sum(p.numel() for p in params):,} trainable parameters; val before: "
-          + ", ".join(f"{k} {v:.4f}" for k, v in before.items()))
-
-    def save(t):
-        atomic_save({"args": public_args(args), "schedule": schedule, "model_config": asdict(model.config),
-                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "allocator": allocator.state_dict() if allocator else None,
-                     "rank_pattern": {n: list(getattr(l, "block_sizes", [l.rank])) for n, l in layers.items()},
-                     "step": t, "rng": rng_state(batch_gen), "history": history,
-                     "seconds": seconds + time.time() - t0, "before": before}, ckpt_path)
-        return ckpt_path
-
-    t0, last_good = time.time(), (ckpt_path if args.resume else None)
-    bar = tqdm(range(start + 1, args.iters + 1), initial=start, total=args.iters, desc=schedule, dynamic_ncols=True, disable=None)
-    with Interrupts() as stop:
-        for t in bar:
-            for g in optimizer.param_groups:  # groups added by growth follow the same schedule
-                g["lr"] = get_lr(t, lr, args.lr_warmup, args.iters)
-            x, y = task.batch("train", batch_gen)
-            with autocast(args):
-                loss = task.loss(trained, x, y)
-                total = loss + args.orth_reg * triadapt.orthogonal_penalty(layers) if allocator and args.orth_reg else loss
-            if not torch.isfinite(total):
-                raise TrainingError(f"[{schedule}] loss is {total.item()} at step {t}; last good checkpoint: {last_good or 'none yet'}")
-            total.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if allocator is not None:
-                if allocator.step(t, optimizer):
-                    params = [p for g in optimizer.param_groups for p in g["params"]]
-            rank = allocator.total_rank if allocator else sum(l.rank for l in layers.values())
-            entry = {"step": t, "train_loss": loss.item(), "total_rank": rank}
-            if t % args.eval_interval == 0 or t == args.iters:
-                entry["val_loss"] = task.evaluate(model, "val")["loss"]
-                last_good = save(t)
-            history.append(entry)
-            bar.set_postfix(loss=f"{entry['train_loss']:.4f}", rank=rank)
-            if stop.requested or t == args.stop_after:
-                path = save(t)
-                cmd = " ".join(shlex.quote(a) for a in resume_argv())
-                print(f"[{schedule}] stopped after step {t}; checkpoint {path}\nresume with: python {cmd} --resume", flush=True)
-                raise SystemExit(130 if stop.requested else 0)
-    seconds += time.time() - t0
-    events = allocator.events if allocator else []
-    return report(args, schedule, model, layers, params, task, before, history, seconds, folder, events)
-
-
-def linear_probe(args, model, task, gen):
-    """Train the classification head alone on the frozen base: the 'before' accuracy of every schedule."""
-    head = torch.optim.AdamW(model.cls_head.parameters(), lr=1e-2)
-    for t in tqdm(range(1, args.probe_iters + 1), desc="head only", dynamic_ncols=True, disable=None):
-        x, y = task.batch("train", gen)
-        with torch.no_grad(), autocast(args):
-            h = model.hidden(x).mean(dim=1)  # the base is frozen: no graph through it
-        loss = torch.nn.functional.cross_entropy(model.cls_head(h.float()), y)
-        loss.backward()
-        head.step()
-        head.zero_grad(set_to_none=True)
-    return task.evaluate(model, "val")
-
-
-def resume_argv():
-    argv, out, skip = sys.argv, [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--stop-after":
-            skip = True
-        elif not a.startswith("--stop-after=") and a != "--resume":
-            out.append(a)
-    return out
-
-
-def report(args, schedule, model, layers, params, task, before, history, seconds, folder, events):
-    val, test = task.evaluate(model, "val"), task.evaluate(model, "test")
-    metrics = {"schedule": schedule, "val_loss_before": before["loss"], "val_loss": val["loss"], "test_loss": test["loss"],
-               "trainable_params": sum(p.numel() for p in params),
-               "rank_pattern": {n: l.rank for n, l in layers.items()}, "total_rank": sum(l.rank for l in layers.values()),
-               "block_sizes": {n: list(l.block_sizes) for n, l in layers.items() if hasattr(l, "block_sizes")},
-               "growth_events": events, "seconds": seconds, "config": public_args(args), "history": history}
-    if "acc" in val:
-        metrics.update(val_acc_before=before["acc"], val_acc=val["acc"], test_acc=test["acc"])
-    save_json(metrics, os.path.join(folder, "metrics.json"))
-    print(f"\n[{schedule}] val loss {before['loss']:.4f} -> {val['loss']:.4f} (test {test['loss']:.4f})"
-          + (f", val acc {before['acc']:.3f} -> {val['acc']:.3f} (test {test['acc']:.3f})" if "acc" in val else "")
-          + f"; {metrics['trainable_params']:,} trainable parameters; {seconds:.1f} s")
-    if layers:
-        print(f"final ranks (total {metrics['total_rank']}):\n{rank_table(layers)}")
-    if args.task == "lm" and args.arch == "gpt" and args.sample_len:
-        gen = torch.Generator(device=args.device_name).manual_seed(args.seed)
-        prompt = torch.tensor([data.encode("The ")], device=args.device_name)
-        model.eval()
-        with autocast(args):
-            out = model.generate(prompt, args.sample_len, temperature=0.8, top_k=50, generator=gen)
-        print("sample:\n" + data.decode(out[0].tolist()))
-    return metrics
-
-
 def comparison_table(results):
     has_acc = any("val_acc" in m for m in results)
     head = f"{'schedule':<12} {'val before':>10} {'val after':>10} {'test':>8}" + (f" {'val acc':>8} {'test acc':>8}" if has_acc else "") + f" {'trainable':>10} {'rank':>6} {'seconds':>8}"
@@ -563,27 +864,50 @@ def comparison_table(results):
     return "\n".join(lines)
 
 
-def main(argv=None):
+def setup(argv):
+    """Parse, check, read the data and create --out-dir: the part that may fail on bad input."""
     args = build_parser().parse_args(argv)
+    validate(args, explicit_flags(argv))
+    args.resume_command = resume_command(argv)
+    corpora = read_corpora(args)
+    make_out_dir(args)
+    return args, corpora
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    procs, master = None, os.environ.get("RANK", "0") == "0"
     try:
-        validate(args)
+        args, corpora = setup(argv)
+        procs = start_processes(args)
+        if args.device_name.startswith("cuda"):
+            torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores
+            torch.backends.cudnn.allow_tf32 = True
         torch.manual_seed(args.seed)
         random.seed(args.seed)
         np.random.seed(args.seed)
-        base_splits, ft_splits, digest = prepare_data(args)
-        base_ckpt = pretrain(args, base_splits, digest)
+        base_splits, ft_splits, digest = cache_corpora(args, procs, *corpora)
+        base_ckpt = pretrain(args, procs, base_splits, digest)
         if args.task == "classify":
-            task, n_classes = ClassifyTask(ft_splits, args), len(data.CLASS_PACKAGES)
+            task, n_classes = data.ClassifyTask(ft_splits, args), len(data.CLASS_PACKAGES)
         else:  # an encoder sees the future, so on text it can only learn masked bytes
-            task, n_classes = (MLMTask if args.arch == "encoder" else LMTask)(ft_splits, args), 0
-        results = [finetune(args, s, base_ckpt, task, n_classes) for s in args.schedules]
+            task, n_classes = (data.MLMTask if args.arch == "encoder" else data.LMTask)(ft_splits, args), 0
+        results = [finetune(args, procs, s, base_ckpt, task, n_classes) for s in args.schedules]
     except (UsageError, data.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if master:  # every process checks the same input: one of them says so
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if len(results) > 1:
+    except KeyboardInterrupt:
+        if master:
+            print(f"\ninterrupted; resume with: {resume_command(argv)}", file=sys.stderr)
+        return 130
+    finally:
+        if procs is not None and procs.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+    if len(results) > 1 and procs.master:
         print("\n" + comparison_table(results))
     return 0
 

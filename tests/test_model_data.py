@@ -84,7 +84,7 @@ def test_cache_is_reused_then_rebuilt_when_the_text_changes(tmp_path):
 
 def test_get_batch_targets_are_shifted_inputs():
     arr = np.arange(200, dtype=np.uint8)
-    x, y = data.get_batch(arr, 4, 8, "cpu", torch.Generator().manual_seed(0))
+    x, y = data.get_batch(arr, 4, 8, torch.Generator().manual_seed(0))
     assert x.shape == (4, 8) and x.dtype == torch.long
     assert torch.equal(y, x + 1)
 

@@ -1,0 +1,43 @@
+"""bench.py quality: an interrupted benchmark continues where it stopped; bad flags cost one line."""
+import json
+
+import pytest
+
+import bench
+
+TINY = ["quality", "--quick", "--methods", "lora", "--seeds", "1",
+        "--train-args", "--n-layer 1 --n-embd 32 --n-head 2 --block-size 32 --batch-size 8 --eval-iters 2"]
+
+
+def test_quality_resumes_and_keeps_finished_runs(tmp_path, capsys):
+    argv = TINY + ["--out-dir", str(tmp_path)]
+    stop = argv[:-3] + [argv[-3] + " --stop-after 30"] + argv[-2:]
+    with pytest.raises(SystemExit):
+        bench.main(stop)  # stops in pretraining, at step 30
+    assert "resume with: python bench.py quality" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.main(stop)  # pretraining continues to its end; the fine-tune stops at step 30
+    printed = capsys.readouterr().out
+    assert "pretraining: continuing from step 30" in printed and "[lora] stopped after step 30" in printed
+    assert bench.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "[lora] resumed from" in printed and "lora r_ref" in printed
+    first = json.loads((tmp_path / "bench_quality_lm.json").read_text())
+    assert bench.main(argv) == 0
+    assert "[lora] finished earlier" in capsys.readouterr().out
+    again = json.loads((tmp_path / "bench_quality_lm.json").read_text())
+    assert again["methods"] == first["methods"]
+    assert [h["step"] for h in first["methods"]["lora r_ref"][0]["history"]] == list(range(1, 61))
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--seeds", "0"], "--seeds must be positive, got 0"),
+    (["--methods", "lora,foo"], "unknown method 'foo' in --methods"),
+    (["--train-args", "--nope 3"], "--train-args: unrecognized arguments: --nope 3"),
+    (["--train-args", "--lr nan"], "--lr must be a finite number, got nan"),
+])
+def test_bad_flags_are_one_line_and_exit_2(tmp_path, capsys, flags, message):
+    assert bench.main(["quality", "--out-dir", str(tmp_path / "out")] + flags) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "out").exists()
