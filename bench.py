@@ -6,6 +6,7 @@ Measure TriAdaptLoRA side by side with its baselines, in one run, on this machin
     python bench.py quality               # 6 methods x 3 seeds on the default task (76 minutes measured on 2 shared cores)
     python bench.py quality --quick       # a smoke run of the same
     python bench.py quality --task classify --methods linear,lora,full   # encoder accuracy
+    python bench.py gpu                   # the GPU check: short runs on cuda, then speed and memory (< 5 min)
 
 speed: on the default model shape and a wider one, the median time of one full training step
 (forward, backward, AdamW) for plain LoRA at rank r, TriAdaptLoRA at rank r (one block, and
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import data
+import options
 import train
 import triadapt
 from model import GPT, GPTConfig
@@ -237,6 +239,89 @@ def speed(args):
     return {"seconds": times, "ops": ops, "param_groups": groups}
 
 
+# ----------------------------------------------------------------------------- one GPU check
+
+def peak_memory(built, batches, device):
+    """Peak bytes one training step of each built variant adds to what is resident (CUDA only)."""
+    peaks = {}
+    for v, (model, layers, opt) in built.items():
+        torch.cuda.synchronize()
+        resident = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        train_step(model, layers, opt, batches[0])
+        torch.cuda.synchronize()
+        peaks[v] = torch.cuda.max_memory_allocated() - resident
+    return peaks
+
+
+def gpu_runs(args):
+    """Short train.py runs on the device: bf16 (three methods), float32, bf16 + compile (3 growth rounds:
+    each one compiles anew), a stop and a resume; returns {name: metrics} and the seconds of each."""
+    out = os.path.join(args.out_dir, "gpu")
+    sizes = (["--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--block-size", "32", "--batch-size", "8",
+              "--pretrain-iters", "40", "--iters", "30", "--warmup", "5", "--interval", "5", "--eval-interval", "10",
+              "--eval-iters", "2", "--ref-rank", "4"] if args.quick else
+             ["--pretrain-iters", "300", "--iters", "200", "--warmup", "20", "--interval", "10", "--eval-interval", "100"])
+    common = ["--device", args.device, "--sample-len", "0"] + sizes
+    stop = "15" if args.quick else "90"
+    plan = [("bf16", ["--schedule", "linear,lora,full"]), ("float32", ["--schedule", "linear", "--dtype", "float32"]),
+            ("bf16 + compile", ["--schedule", "linear", "--compile"] + ([] if args.quick else ["--warmup", "50", "--interval", "50"])), ("stopped", ["--schedule", "linear", "--stop-after", stop]),
+            ("resumed", ["--schedule", "linear", "--resume"])]
+    results, seconds, base = {}, {}, None
+    for name, flags in plan:
+        folder = os.path.join(out, "stop-resume" if name in ("stopped", "resumed") else name.replace(" + ", "-"))
+        argv = common + flags + ["--out-dir", folder] + (["--init-from", base] if base else [])
+        print(f"\n== {name}: python train.py {' '.join(argv)}", flush=True)
+        t0 = time.time()
+        try:
+            code = train.main(argv)
+        except SystemExit as e:  # --stop-after ends the run as an interrupt would
+            code = e.code
+        seconds[name] = time.time() - t0
+        if code != 0:
+            raise train.TrainingError(f"the {name} run exited {code}")
+        if base is None:
+            saved = sorted(f for f in os.listdir(os.path.join(folder, "base")) if not f.endswith(".partial.pt"))
+            base = os.path.join(folder, "base", saved[0])  # the other runs fine-tune this base
+        if name != "stopped":
+            with open(os.path.join(folder, "linear", "metrics.json")) as f:
+                results[name] = json.load(f)
+    return results, seconds
+
+
+def gpu(args):
+    """The GPU check of the README, one command: runs, then the speed table with memory."""
+    print(f"device: {torch.cuda.get_device_name() if args.device == 'cuda' else machine()}, torch {torch.__version__}")
+    t_all = time.time()
+    results, seconds = gpu_runs(args)
+    print("\nlinear schedule (ms/step: the fine-tune's seconds over its steps, evaluations included)")
+    print(f"{'run':<16} {'seconds':>8} {'ms/step':>8} {'val loss':>9} {'test loss':>9} {'rank':>5}")
+    for name, m in results.items():
+        print(f"{name:<16} {seconds[name]:>8.1f} {1000 * m['seconds'] / len(m['history']):>8.1f} "
+              f"{m['val_loss']:>9.4f} {m['test_loss']:>9.4f} {m['total_rank']:>5}")
+    a, b = results["bf16"], results["resumed"]
+    gap = max(abs(x["train_loss"] - y["train_loss"]) for x, y in zip(a["history"], b["history"]))
+    print(f"stop and resume against the straight bf16 run: same growth events {a['growth_events'] == b['growth_events']}, "
+          f"max |train loss difference| {gap:.2e}, val loss difference {abs(a['val_loss'] - b['val_loss']):.2e}")
+    variants = ["lora", "tri (grown)", "materialized", "full"]
+    shapes = [("default", GPTConfig()), ("wide", GPTConfig(n_embd=384, n_head=6))]
+    if args.quick:
+        shapes = [("tiny", GPTConfig(n_layer=1, n_embd=32, n_head=2, block_size=32))]
+    print(f"\none training step (fused AdamW, float32), batch {args.batch_size}, rank {args.rank}, {args.steps} interleaved steps")
+    print(f"{'shape':<8} {'method':<13} {'ms/step':>8} {'tokens/s':>10} {'peak MiB':>9}")
+    for label, config in shapes:
+        batches = make_batches(config, args.batch_size, args.device)
+        built = {v: make_variant(v, config, args.rank, max(1, args.rank // 2), args.device, batches) for v in variants}
+        times = time_steps(built, batches, args.steps, args.device)
+        peaks = peak_memory(built, batches, args.device) if args.device == "cuda" else {v: float("nan") for v in variants}
+        for v in variants:
+            print(f"{label:<8} {v:<13} {times[v] * 1e3:>8.2f} {args.batch_size * config.block_size / times[v]:>10,.0f} "
+                  f"{peaks[v] / 2 ** 20:>9.1f}")
+        print(f"{label:<8} tri/lora: time {times['tri (grown)'] / times['lora']:.3f} (target <= 1.10), "
+              f"peak memory {peaks['tri (grown)'] / peaks['lora']:.3f} (target <= 1.05)")
+    print(f"\nthe whole check took {time.time() - t_all:.0f} s")
+
+
 # ----------------------------------------------------------------------------- quality
 
 def quality(args):
@@ -258,16 +343,16 @@ def quality(args):
         said = io.StringIO()
         try:
             with contextlib.redirect_stderr(said):
-                targs = train.build_parser().parse_args(argv)
+                targs = options.build_parser().parse_args(argv)
         except SystemExit:  # argparse's own message, without its usage lines
-            raise train.UsageError(f"--train-args: {said.getvalue().strip().splitlines()[-1].partition('error: ')[2]}") from None
-        train.validate(targs, train.explicit_flags(argv))
+            raise options.UsageError(f"--train-args: {said.getvalue().strip().splitlines()[-1].partition('error: ')[2]}") from None
+        options.validate(targs, options.explicit_flags(argv))
         targs.resume_command = args.command
         return targs
 
     base_args = parsed()
-    corpora = train.read_corpora(base_args)
-    train.make_out_dir(base_args)
+    corpora = data.read_corpora(base_args)
+    options.make_out_dir(base_args)
     base_splits, ft_splits, digest = train.cache_corpora(base_args, procs, *corpora)
     base = train.pretrain(base_args, procs, base_splits, digest)
     classify = args.task == "classify"
@@ -279,7 +364,7 @@ def quality(args):
         for seed in range(args.seeds):
             targs = parsed("--schedule", schedule, "--seed", str(args.first_seed + seed), *extra,
                            out_dir=os.path.join(args.out_dir, "bench", f"{label.replace(' ', '_')}-seed{seed}"))
-            targs.status = {schedule: train.run_status(targs, schedule)}
+            targs.status = {schedule: options.run_status(targs, schedule)}
             task = (data.ClassifyTask if classify else data.LMTask)(ft_splits, targs)
             runs.append(train.finetune(targs, procs, schedule, base, task, n_classes=len(data.CLASS_PACKAGES) if classify else 0))
         results["methods"][label] = runs
@@ -367,15 +452,15 @@ def heat_map(metrics):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description="Measure TriAdaptLoRA against plain LoRA, a dW-materializing variant and full fine-tuning.")
-    p.add_argument("what", choices=("speed", "quality"), help="speed: step times and ratios; quality: losses over seeds")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to run")
+    p.add_argument("what", choices=("speed", "quality", "gpu"), help="speed: step times, ops and ratios; quality: losses over seeds; gpu: the GPU check (short runs, then speed and memory)")
+    p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="where to run (default: cpu, cuda for gpu)")
     p.add_argument("--rank", type=int, default=8, help="speed: the adapters' rank r (TriAdaptLoRA grown to it)")
     p.add_argument("--batch-size", type=int, default=32, help="speed: sequences per step")
-    p.add_argument("--steps", type=int, default=30, help="speed: timed steps per method and shape")
+    p.add_argument("--steps", type=int, default=30, help="speed, gpu: timed steps per method and shape (speed --steps 0: op counts only)")
     p.add_argument("--iters", type=int, default=600, help="quality: fine-tuning steps per run")
     p.add_argument("--seeds", type=int, default=3, help="quality: seeds per method")
     p.add_argument("--first-seed", type=int, default=0, help="quality: the first fine-tuning seed")
-    p.add_argument("--quick", action="store_true", help="quality: a tiny smoke run (60 steps, 100 pretraining steps)")
+    p.add_argument("--quick", action="store_true", help="quality, gpu: a tiny smoke run of the same")
     p.add_argument("--out-dir", default="out", help="quality: where the base model, the runs and bench_quality_<task>.json go")
     p.add_argument("--methods", default="linear,exponential,topk,lora,full", help="quality: which methods to run (lora also runs the parameter-matched rank when linear runs)")
     p.add_argument("--task", default="lm", choices=("lm", "classify"), help="quality: lm (GPT on the documentation, losses) or classify (encoder, package labels, accuracy)")
@@ -384,7 +469,7 @@ def main(argv=None):
     args.command = "python " + " ".join(shlex.quote(a) for a in ["bench.py"] + argv) + "  (the same command: finished runs are kept)"
     try:
         return run_bench(args)
-    except (train.UsageError, data.DataError) as e:
+    except (options.UsageError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except train.TrainingError as e:
@@ -396,21 +481,26 @@ def main(argv=None):
 
 
 def run_bench(args):
+    args.device = args.device or ("cuda" if args.what == "gpu" else "cpu")
     args.train_args = args.train_args.split()
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     known = ("linear", "exponential", "topk", "lora", "full")
     bad = [m for m in args.methods if m not in known] or ([] if args.methods else ["(none)"])
     if bad:
-        raise train.UsageError(f"unknown method {bad[0]!r} in --methods: choose from {', '.join(known)}")
-    for name in ("rank", "batch_size", "steps", "iters", "seeds"):
+        raise options.UsageError(f"unknown method {bad[0]!r} in --methods: choose from {', '.join(known)}")
+    for name in ("rank", "batch_size", "iters", "seeds"):
         if getattr(args, name) <= 0:
-            raise train.UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.first_seed < 0:
-        raise train.UsageError(f"--first-seed must not be negative, got {args.first_seed}")
+            raise options.UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("steps", "first_seed"):  # speed --steps 0: the op counts alone
+        if getattr(args, name) < 0:
+            raise options.UsageError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise train.UsageError("--device cuda, but CUDA is not available here")
+        raise options.UsageError("--device cuda, but CUDA is not available here")
     if args.what == "speed":
         speed(args)
+        return 0
+    if args.what == "gpu":
+        gpu(args)
         return 0
     t0 = time.time()
     results = quality(args)

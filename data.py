@@ -107,6 +107,30 @@ def check_length(data, block_size, source):
                         f"{need}, so the text needs at least {least} tokens (or a smaller --block-size)")
 
 
+def read_corpora(args):
+    """What a run trains on, read and checked before anything is written: (base, fine-tuning), where
+    base is (text, source, cache name) and fine-tuning the same, or the classification splits.
+    `args` needs arch, task, block_size, and the texts and paths of --base-data and --data (or None)."""
+    holdout = classification_holdout_files() if args.arch == "encoder" else ()
+    if args.base_text is not None:
+        base = (args.base_text, args.base_data, "base-file")
+    else:
+        text, src = base_corpus(exclude=holdout)
+        check_length(text, args.block_size, "the standard library's sources")
+        base = (text, src, ("encoder-" if holdout else "") + "base")
+    if args.task == "classify":
+        splits = classification_splits(args.block_size)
+        empty = [s for s, (x, _) in splits.items() if len(x) == 0]
+        if empty:
+            raise DataError(f"--block-size {args.block_size} leaves no classification snippet in the {empty[0]} split")
+        return base, splits
+    if args.finetune_text is not None:
+        return base, (args.finetune_text, args.data, "finetune-file")
+    text, src = finetune_corpus()
+    check_length(text, args.block_size, f"the fine-tuning corpus ({src})")
+    return base, (text, src, "finetune")
+
+
 # ----------------------------------------------------------------------------- the cache
 
 def split_bounds(n):

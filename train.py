@@ -26,10 +26,8 @@ global batch and trains on its own 1/N of it, in --grad-accum micro-steps, each 
 share of the batch's targets, so gradients, growth decisions and logged losses equal one process's
 up to the order of float sums.
 """
-import argparse
 import contextlib
 import datetime
-import glob
 import hashlib
 import json
 import math
@@ -48,253 +46,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
+import options
 import triadapt
 from model import GPT, GPTConfig
-
-SCHEDULES = ("linear", "exponential", "topk", "lora", "full")
-TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out")
-# Flags that change what a run computes: --resume refuses a checkpoint made with other values.
-TRAJECTORY = ("arch", "task", "n_layer", "n_head", "n_embd", "block_size", "data", "dtype", "batch_size", "seed",
-              "iters", "lr", "lr_warmup", "weight_decay", "init_from")
-ADAPTER_TRAJECTORY = ("targets", "ref_rank", "alpha")                     # lora and the growing schedules
-GROWTH_TRAJECTORY = ("init_rank", "rank_step", "budget", "max_rank", "warmup", "interval", "top_k", "orth_reg")
-PRETRAIN_TRAJECTORY = ("base_data", "pretrain_iters", "pretrain_lr")  # they make the base, unless --init-from
-
-
-class UsageError(Exception):
-    """Bad input: main() prints the message on one line and exits with status 2."""
+from options import TARGETS, UsageError, load_checkpoint, run_dir
 
 
 class TrainingError(Exception):
     """A run that cannot go on (e.g. a non-finite loss): one line, exit status 1."""
-
-
-def build_parser():
-    p = argparse.ArgumentParser(description="TriAdaptLoRA: pretrain a small transformer, then fine-tune it through growing triangular adapters.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--schedule", default="linear", help=f"growth schedule or baseline, one of {', '.join(SCHEDULES)}; a comma-separated list runs each in turn on the same base")
-    p.add_argument("--arch", default="gpt", choices=("gpt", "encoder"), help="gpt: causal decoder pretrained on next-byte prediction; encoder: bidirectional, pretrained with 15%% masked bytes")
-    p.add_argument("--task", default="lm", choices=("lm", "classify"), help="lm: fine-tune on the documentation text; classify: label source snippets by package (needs --arch encoder)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto picks cuda when available")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bf16"), help="auto: bf16 autocast on a CUDA GPU that supports it, float32 otherwise")
-    p.add_argument("--compile", action="store_true", help="torch.compile the training step; recompiled after each growth round (checkpoints hold the uncompiled model)")
-    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager is for tests)")
-    p.add_argument("--data", default=None, help="fine-tuning text file (default: Python's own documentation, pydoc_data.topics)")
-    p.add_argument("--base-data", default=None, help="pretraining text file (default: the standard library's .py sources)")
-    p.add_argument("--init-from", default=None, help="a base checkpoint to fine-tune instead of pretraining one; the model shape comes from it")
-    p.add_argument("--out-dir", default="out", help="where caches, the base model and each run's checkpoint and metrics go")
-    p.add_argument("--pretrain-iters", type=int, default=1500, help="optimizer steps of pretraining")
-    p.add_argument("--pretrain-lr", type=float, default=2e-3, help="peak learning rate of pretraining")
-    p.add_argument("--iters", type=int, default=600, help="optimizer steps of fine-tuning, per schedule")
-    p.add_argument("--batch-size", type=int, default=32, help="sequences per optimizer step, over all processes together")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-steps each process splits its share of the batch into")
-    p.add_argument("--block-size", type=int, default=128, help="context length in bytes")
-    p.add_argument("--n-layer", type=int, default=4, help="transformer blocks")
-    p.add_argument("--n-head", type=int, default=4, help="attention heads")
-    p.add_argument("--n-embd", type=int, default=128, help="embedding width")
-    p.add_argument("--lr", type=float, default=None, help="peak fine-tuning learning rate (default: 2e-3 for adapters, 3e-4 for full)")
-    p.add_argument("--lr-warmup", type=int, default=30, help="steps of linear learning-rate warmup before the cosine decay")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay of the trained parameters")
-    p.add_argument("--eval-interval", type=int, default=100, help="steps between validation (and checkpoint) points, in pretraining and fine-tuning")
-    p.add_argument("--eval-iters", type=int, default=20, help="batches per validation estimate (the same batches every time)")
-    p.add_argument("--log-interval", type=int, default=10, help="steps between reading the train loss back from the device (and a log line when stdout is not a terminal)")
-    p.add_argument("--seed", type=int, default=1337, help="seed of the model init, the batches and the adapters")
-    p.add_argument("--resume", action="store_true", help="continue interrupted runs from <out-dir>/<run>/ckpt.pt, keep finished ones, start the others")
-    p.add_argument("--ref-rank", type=int, default=8, help="r_ref: average rank per matrix the budget allows; plain LoRA's rank; s = alpha / r_ref")
-    p.add_argument("--init-rank", type=int, default=1, help="k_0: rank of every adapter at injection")
-    p.add_argument("--rank-step", type=int, default=None, help="k: rank added per growth (default max(1, r_ref // 2))")
-    p.add_argument("--budget", type=int, default=None, help="R_target: total rank over all matrices (default r_ref * number of matrices)")
-    p.add_argument("--max-rank", type=int, default=None, help="per-matrix rank cap (default min(d_in, d_out))")
-    p.add_argument("--alpha", type=float, default=16.0, help="adapter scale numerator: s = alpha / r_ref")
-    p.add_argument("--warmup", type=int, default=50, help="t_w: no allocation round before this step")
-    p.add_argument("--interval", type=int, default=10, help="dt: steps between allocation rounds")
-    p.add_argument("--top-k", type=int, default=4, help="K_fixed of the topk schedule")
-    p.add_argument("--orth-reg", type=float, default=0.1, help="lambda, the weight of the orthogonal regularizer")
-    p.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated linears to adapt, from {', '.join(TARGETS)}")
-    p.add_argument("--probe-iters", type=int, default=200, help="classify: steps training the head alone before fine-tuning (its accuracy is 'before')")
-    p.add_argument("--sample-len", type=int, default=200, help="bytes of text to sample at the end of an lm run")
-    p.add_argument("--stop-after", type=int, default=None, help="save a checkpoint and stop after this step of each run, as an interrupt would (to test --resume)")
-    p.add_argument("--dist-timeout", type=int, default=600, help="seconds a process waits for the others in a collective before failing")
-    return p
-
-
-def explicit_flags(argv):
-    """The flags given on the command line, as argparse dests (the others hold their defaults)."""
-    p = build_parser()
-    for action in p._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(p.parse_args(argv)))
-
-
-# ----------------------------------------------------------------------------- checking the input
-
-def load_checkpoint(path, what="checkpoint"):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise UsageError(f"{what} {path} does not exist") from None
-    except IsADirectoryError:
-        raise UsageError(f"{what} {path} is a directory, not a file") from None
-    except Exception as e:  # a truncated or foreign file fails in many ways inside torch.load
-        raise UsageError(f"{what} {path} is truncated or corrupt ({type(e).__name__})") from None
-
-
-def flag(name):
-    return "--" + name.replace("_", "-")
-
-
-def validate(args, explicit=()):
-    """Every check that can fail on the user's input, before anything is written."""
-    args.schedules = [s.strip() for s in args.schedule.split(",") if s.strip()]
-    bad = [s for s in args.schedules if s not in SCHEDULES] or ([] if args.schedules else [args.schedule])
-    if bad:
-        raise UsageError(f"unknown schedule {bad[0]!r}: choose from {', '.join(SCHEDULES)}")
-    args.target_list = [t.strip() for t in args.targets.split(",") if t.strip()]
-    bad = [t for t in args.target_list if t not in TARGETS] or ([] if args.target_list else [args.targets])
-    if bad:
-        raise UsageError(f"unknown target module {bad[0]!r}: choose from {', '.join(TARGETS)}")
-    for name in ("iters", "batch_size", "grad_accum", "block_size", "n_layer", "n_head", "n_embd", "eval_interval",
-                 "eval_iters", "log_interval", "ref_rank", "init_rank", "interval", "top_k", "dist_timeout"):
-        if getattr(args, name) <= 0:
-            raise UsageError(f"{flag(name)} must be positive, got {getattr(args, name)}")
-    for name in ("pretrain_iters", "warmup", "lr_warmup", "probe_iters", "sample_len"):
-        if getattr(args, name) < 0:
-            raise UsageError(f"{flag(name)} must not be negative, got {getattr(args, name)}")
-    for name in ("lr", "pretrain_lr", "alpha", "orth_reg", "weight_decay"):
-        value = getattr(args, name)
-        if value is not None and not math.isfinite(value):
-            raise UsageError(f"{flag(name)} must be a finite number, got {value}")
-    for name in ("lr", "pretrain_lr", "alpha", "rank_step", "budget", "max_rank", "stop_after"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise UsageError(f"{flag(name)} must be positive, got {getattr(args, name)}")
-    for name in ("orth_reg", "weight_decay"):
-        if getattr(args, name) < 0:
-            raise UsageError(f"{flag(name)} must not be negative, got {getattr(args, name)}")
-    if not 0 <= args.seed < 2 ** 32:
-        raise UsageError(f"--seed must be in [0, 2**32 - 1], got {args.seed}")
-    if args.init_from:
-        take_shape_from_base(args, explicit)
-    if args.n_embd % args.n_head:
-        raise UsageError(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
-    if args.warmup >= args.iters:
-        raise UsageError(f"--warmup {args.warmup} must be below --iters {args.iters}: no allocation round could happen")
-    if args.task == "classify" and args.arch != "encoder":
-        raise UsageError("--task classify needs --arch encoder")
-    if args.init_rank > args.n_embd:
-        raise UsageError(f"--init-rank {args.init_rank} exceeds the smallest adapted dimension, --n-embd {args.n_embd}")
-    n_matrices = args.n_layer * len(args.target_list)
-    args.budget_total = args.budget or args.ref_rank * n_matrices
-    if args.init_rank * n_matrices > args.budget_total:
-        raise UsageError(f"budget {args.budget_total} is below the initial total rank {args.init_rank} x {n_matrices} matrices = {args.init_rank * n_matrices}")
-    validate_processes(args)
-    # data files: read once here, so that a bad file costs nothing
-    args.finetune_text = args.base_text = None
-    for name, attr in (("data", "finetune_text"), ("base_data", "base_text")):
-        path = getattr(args, name)
-        if path is not None:
-            text = data.read_text_file(path)
-            data.check_length(text, args.block_size, f"data file {path}")
-            setattr(args, attr, text)
-    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-        raise UsageError(f"--out-dir {args.out_dir} is a file, not a folder")
-    check_resume(args)
-
-
-def take_shape_from_base(args, explicit):
-    """--init-from: the model's shape is the base's; a flag that says otherwise is an error."""
-    base = load_checkpoint(args.init_from, "base checkpoint")
-    if not isinstance(base, dict) or "model" not in base or "config" not in base:
-        raise UsageError(f"base checkpoint {args.init_from} holds no model and config")
-    cfg = base["config"]
-    with torch.device("meta"):  # the keys of the model this config builds, without its memory
-        expected = GPT(GPTConfig(**cfg)).state_dict().keys()
-    mismatch = key_mismatch(expected, base["model"].keys())
-    if mismatch:
-        raise UsageError(f"base checkpoint {args.init_from} does not fit its config: {mismatch}")
-    shape = {"arch": "encoder" if cfg["bidirectional"] else "gpt", "n_layer": cfg["n_layer"],
-             "n_head": cfg["n_head"], "n_embd": cfg["n_embd"], "block_size": cfg["block_size"]}
-    for key, value in shape.items():
-        if key in explicit and getattr(args, key) != value:
-            raise UsageError(f"{flag(key)} {getattr(args, key)} contradicts the base checkpoint {args.init_from}, "
-                             f"which has {key} {value} (drop the flag)")
-        setattr(args, key, value)
-
-
-def key_mismatch(expected, found):
-    """None when the keys agree, else one short line: the counts and the first offender."""
-    missing, unexpected = [k for k in expected if k not in found], [k for k in found if k not in expected]
-    if not missing and not unexpected:
-        return None
-    first = (missing or unexpected)[0]
-    return (f"{len(missing)} missing and {len(unexpected)} unexpected keys, "
-            f"the first {'missing' if missing else 'unexpected'} one {first!r}")
-
-
-def validate_processes(args):
-    """The device, and under torchrun the split of the batch over processes and micro-steps."""
-    args.world = int(os.environ.get("WORLD_SIZE", "1"))
-    args.rank = int(os.environ.get("RANK", "0"))
-    args.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if args.batch_size % (args.world * args.grad_accum):
-        raise UsageError(f"--batch-size {args.batch_size} is not divisible by {args.world} processes x "
-                         f"--grad-accum {args.grad_accum}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda, but CUDA is not available here (try --device cpu)")
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    if cuda and args.world > 1 and int(os.environ.get("LOCAL_WORLD_SIZE", args.world)) > torch.cuda.device_count():
-        raise UsageError(f"{os.environ.get('LOCAL_WORLD_SIZE', args.world)} processes on this machine, but only "
-                         f"{torch.cuda.device_count()} GPU(s): one GPU per process")
-    args.device_name = (f"cuda:{args.local_rank}" if args.world > 1 else "cuda") if cuda else "cpu"
-    if args.dtype == "bf16" and cuda and not torch.cuda.is_bf16_supported():
-        raise UsageError("--dtype bf16 is not supported on this GPU (use --dtype float32)")
-    if args.dtype == "auto":
-        args.dtype = "bf16" if cuda and torch.cuda.is_bf16_supported() else "float32"
-
-
-def check_resume(args):
-    """With --resume: which runs are finished, interrupted or not begun; their settings must match."""
-    args.status = {s: run_status(args, s) if args.resume else "new" for s in args.schedules}
-    if not args.resume:
-        return
-    partial = glob.glob(os.path.join(args.out_dir, "base", "*.partial.pt"))
-    if all(s == "new" for s in args.status.values()) and not partial:
-        path = os.path.join(run_dir(args, args.schedules[0]), "ckpt.pt")
-        raise UsageError(f"nothing to resume: checkpoint {path} does not exist, nor an interrupted pretraining")
-
-
-def run_status(args, schedule):
-    """"done" (metrics.json written after the last step), "resume" (a checkpoint) or "new"."""
-    path = os.path.join(run_dir(args, schedule), "ckpt.pt")
-    if not os.path.exists(path):
-        return "new"
-    ckpt = load_checkpoint(path)
-    if not isinstance(ckpt, dict) or "step" not in ckpt or "args" not in ckpt:
-        raise UsageError(f"checkpoint {path} is not a training checkpoint")
-    if ckpt.get("schedule") != schedule:
-        raise UsageError(f"checkpoint {path} is from schedule {ckpt.get('schedule')!r}, not {schedule!r}")
-    check_same_settings(ckpt["args"], args, path, schedule)
-    done = ckpt["step"] >= args.iters and os.path.exists(os.path.join(run_dir(args, schedule), "metrics.json"))
-    return "done" if done else "resume"
-
-
-def check_same_settings(saved, args, path, schedule):
-    keys = TRAJECTORY + (() if args.init_from else PRETRAIN_TRAJECTORY)
-    keys += (ADAPTER_TRAJECTORY if schedule != "full" else ()) + (GROWTH_TRAJECTORY if schedule in triadapt.SCHEDULES else ())
-    for key in keys:
-        if saved.get(key) != getattr(args, key):
-            raise UsageError(f"checkpoint {path} was made with {flag(key)} {saved.get(key)}, not {getattr(args, key)}")
-
-
-def run_dir(args, schedule):
-    return os.path.join(args.out_dir, schedule if args.task == "lm" else f"{args.task}-{schedule}")
-
-
-def make_out_dir(args):
-    """The first write of a run: after every check has passed."""
-    try:
-        os.makedirs(args.out_dir, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"--out-dir {args.out_dir} cannot be created: {e.strerror}") from None
 
 
 # ----------------------------------------------------------------------------- small utilities
@@ -603,7 +362,7 @@ def train_loop(run, args, procs):
     with Interrupts(procs) as stop:
         for t in range(run.step + 1, run.iters + 1):
             lr = get_lr(t, run.peak_lr, run.lr_warmup, run.iters)
-            for g in opt.param_groups:  # groups added by growth follow the same schedule
+            for g in opt.param_groups:  # every group, tensors replaced by growth included
                 g["lr"] = lr
             x, y = run.task.batch("train", run.batch_gen)  # the global batch, alike on every process
             step_loss = 0.0
@@ -660,28 +419,6 @@ def save(run, args, t0, procs):
 
 # ----------------------------------------------------------------------------- data and pretraining
 
-def read_corpora(args):
-    """The base text (and its sha256) and the fine-tuning text or snippets, checked, nothing written."""
-    holdout = data.classification_holdout_files() if args.arch == "encoder" else ()
-    if args.base_text is not None:
-        base = (args.base_text, args.base_data, "base-file")
-    else:
-        text, src = data.base_corpus(exclude=holdout)
-        data.check_length(text, args.block_size, "the standard library's sources")
-        base = (text, src, ("encoder-" if holdout else "") + "base")
-    if args.task == "classify":
-        splits = data.classification_splits(args.block_size)
-        empty = [s for s, (x, _) in splits.items() if len(x) == 0]
-        if empty:
-            raise data.DataError(f"--block-size {args.block_size} leaves no classification snippet in the {empty[0]} split")
-        return base, splits
-    if args.finetune_text is not None:
-        return base, (args.finetune_text, args.data, "finetune-file")
-    text, src = data.finetune_corpus()
-    data.check_length(text, args.block_size, f"the fine-tuning corpus ({src})")
-    return base, (text, src, "finetune")
-
-
 def cache_corpora(args, procs, base, finetune):
     """Rank 0 writes the caches while the others wait; then everyone opens them."""
     cache = os.path.join(args.out_dir, "data")
@@ -701,9 +438,9 @@ def model_config(args):
 
 def pretrain(args, procs, base_splits, digest):
     """Train the base model from scratch (continuing an interrupted pretraining of the same settings),
-    or load the one saved for these settings; returns its checkpoint."""
+    or load the one saved for these settings; returns its checkpoint, with its file's path as "path"."""
     if args.init_from:
-        return load_checkpoint(args.init_from, "base checkpoint")
+        return {**load_checkpoint(args.init_from, "base checkpoint"), "path": args.init_from}
     config = model_config(args)
     key = json.dumps({"config": asdict(config), "data": digest, "iters": args.pretrain_iters, "lr": args.pretrain_lr,
                       "batch": args.batch_size, "seed": args.seed}, sort_keys=True)
@@ -712,7 +449,7 @@ def pretrain(args, procs, base_splits, digest):
         ckpt = load_checkpoint(path, "base checkpoint")
         if procs.master:
             print(f"base model: reusing {path} (val loss {ckpt['val_loss']:.4f})")
-        return ckpt
+        return {**ckpt, "path": path}
     torch.manual_seed(args.seed)
     model = GPT(config).to(args.device_name)
     task = (data.MLMTask if args.arch == "encoder" else data.LMTask)(base_splits, args)
@@ -734,7 +471,7 @@ def pretrain(args, procs, base_splits, digest):
         os.remove(run.ckpt_path) if os.path.exists(run.ckpt_path) else None
         print(f"base model: val loss {ckpt['val_loss']:.4f}, saved to {path}")
     procs.barrier()
-    return ckpt
+    return {**ckpt, "path": path}
 
 
 # ----------------------------------------------------------------------------- fine-tuning
@@ -748,10 +485,12 @@ def build_finetune_model(args, schedule, base_ckpt, n_classes):
     config = GPTConfig(**{**base_ckpt["config"], "n_classes": n_classes})
     torch.manual_seed(args.seed)
     model = GPT(config)
-    mismatch = key_mismatch([k for k in model.state_dict() if not k.startswith("cls_head")], base_ckpt["model"].keys())
+    # a merged classifier (sample.py --export) brings its trained head: the run trains a new one instead
+    base_state = {k: v for k, v in base_ckpt["model"].items() if not k.startswith("cls_head.")}
+    mismatch = options.key_mismatch([k for k in model.state_dict() if not k.startswith("cls_head")], base_state.keys())
     if mismatch:
         raise UsageError(f"base checkpoint does not fit the model: {mismatch}")
-    model.load_state_dict(base_ckpt["model"], strict=False)  # the classification head is new
+    model.load_state_dict(base_state, strict=False)  # the classification head is new
     model.to(args.device_name)
     layers = {}
     if schedule == "lora":
@@ -796,7 +535,7 @@ def finetune(args, procs, schedule, base_ckpt, task, n_classes=0):
               + ", ".join(f"{k} {v:.4f}" for k, v in run.extra["before"].items()))
     train_loop(run, args, procs)
     check_in_sync(model, procs, f"[{schedule}] end")
-    return report(args, run, folder) if procs.master else None
+    return report(args, run, folder, base_ckpt) if procs.master else None
 
 
 def linear_probe(args, procs, model, task, gen):
@@ -815,7 +554,7 @@ def linear_probe(args, procs, model, task, gen):
     return task.evaluate(model, "val") if procs.master else None
 
 
-def report(args, run, folder):
+def report(args, run, folder, base_ckpt):
     model, layers, task, before = run.model, run.layers, run.task, run.extra["before"]
     val, test = task.evaluate(model, "val"), task.evaluate(model, "test")
     metrics = {"schedule": run.name, "val_loss_before": before["loss"], "val_loss": val["loss"], "test_loss": test["loss"],
@@ -826,12 +565,14 @@ def report(args, run, folder):
                "world_size": args.world, "config": public_args(args), "history": run.history}
     if "acc" in val:
         metrics.update(val_acc_before=before["acc"], val_acc=val["acc"], test_acc=test["acc"])
+    adapter_path = save_adapter(args, run, folder, base_ckpt)  # before metrics.json, which marks the run done
     save_json(metrics, os.path.join(folder, "metrics.json"))
     print(f"\n[{run.name}] val loss {before['loss']:.4f} -> {val['loss']:.4f} (test {test['loss']:.4f})"
           + (f", val acc {before['acc']:.3f} -> {val['acc']:.3f} (test {test['acc']:.3f})" if "acc" in val else "")
           + f"; {metrics['trainable_params']:,} trainable parameters; {run.seconds:.1f} s")
     if layers:
         print(f"final ranks (total {metrics['total_rank']}):\n{rank_table(layers)}")
+    print(adapter_line(adapter_path, base_ckpt.get("path"), run.name))
     if args.task == "lm" and args.arch == "gpt" and args.sample_len:
         gen = torch.Generator(device=args.device_name).manual_seed(args.seed)
         prompt = torch.tensor([data.encode("The ")], device=args.device_name)
@@ -840,6 +581,55 @@ def report(args, run, folder):
             out = model.generate(prompt, args.sample_len, temperature=0.8, top_k=50, generator=gen)
         print("sample:\n" + data.decode(out[0].tolist()))
     return metrics
+
+
+ADAPTER_FORMAT = "triadapt-adapter-1"  # the "format" entry of every adapter.pt
+
+
+def state_fingerprint(state):
+    """sha256 over a state_dict's names, dtypes, shapes and values in sorted key order: what identifies
+    a base model. Unlike a hash of the file's bytes, a re-saved copy of the same weights matches."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_adapter(args, run, folder, base_ckpt):
+    """<folder>/adapter.pt, written atomically: what the run trained (the adapter factors with their block
+    sizes, and a classifier's new head), the settings that rebuild it, and the path and fingerprint of
+    the base it belongs to; sample.py loads it. Full fine-tuning trains every weight, so its "adapter"
+    is the whole state_dict."""
+    model, full = run.model, run.name == "full"
+    head = model.cls_head.state_dict() if model.cls_head is not None and not full else None
+    adapter = {"format": ADAPTER_FORMAT, "schedule": run.name, "arch": args.arch, "task": args.task,
+               "targets": list(args.target_list), "alpha": args.alpha, "ref_rank": args.ref_rank,
+               "n_classes": model.config.n_classes, "model_config": asdict(model.config),
+               "layers": triadapt.adapter_state(run.layers),  # {name: block_sizes (or rank) and factors}
+               "cls_head": {k: v.detach().cpu() for k, v in head.items()} if head else None,
+               "model": {k: v.detach().cpu() for k, v in model.state_dict().items()} if full else None,
+               "base_path": base_ckpt.get("path"), "base_fingerprint": state_fingerprint(base_ckpt["model"])}
+    path = os.path.join(folder, "adapter.pt")
+    atomic_save(adapter, path)
+    return path
+
+
+def human_size(n):
+    for unit in ("B", "KB", "MB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def adapter_line(path, base_path, schedule):
+    """One line for the report: the adapter's size next to its base's, and how to use it."""
+    base = human_size(os.path.getsize(base_path)) if base_path and os.path.exists(base_path) else "unknown"
+    what = ", the whole fine-tuned model" if schedule == "full" else ""
+    return (f"adapter: {path} {human_size(os.path.getsize(path))}{what} (base {base}); "
+            f"use it with: python sample.py --run {os.path.dirname(path)}")
 
 
 def rank_table(layers):
@@ -866,11 +656,11 @@ def comparison_table(results):
 
 def setup(argv):
     """Parse, check, read the data and create --out-dir: the part that may fail on bad input."""
-    args = build_parser().parse_args(argv)
-    validate(args, explicit_flags(argv))
+    args = options.build_parser().parse_args(argv)
+    options.validate(args, options.explicit_flags(argv))
     args.resume_command = resume_command(argv)
-    corpora = read_corpora(args)
-    make_out_dir(args)
+    corpora = data.read_corpora(args)
+    options.make_out_dir(args)
     return args, corpora
 
 

@@ -64,6 +64,8 @@ R_orth as a loop over layers cost 1,133 of those ops (2,474 in all, 2.35x); batc
 costs ~20 per distinct (r, d) shape plus ~8 per layer (here 4 shapes: 273).
 
 Usage: see RankAllocator's docstring; `python -m pytest tests/test_triadapt.py` checks the math.
+adapter_state() and load_adapter() save a trained adapter and rebuild it on a fresh base (sample.py),
+merge_adapters() folds every adapter into its base weight for a plain export.
 """
 import itertools
 import math
@@ -157,7 +159,7 @@ class TriAdaptLinear(nn.Module):
         d_out, d_in = self.base.weight.shape
         if k < 1 or self.rank + k > min(d_in, d_out):
             raise ValueError(f"cannot grow rank {self.rank} by {k}: the cap is min(d_in, d_out) = {min(d_in, d_out)}")
-        r, R = self.rank, self.rank + k
+        r = self.rank  # the new rank is R = r + k
         w = self.base.weight
         A_new = torch.randn(k, d_in, device=w.device, dtype=w.dtype) * self.init_std  # the one RNG draw
         A = torch.cat([self.A, A_new])          # (R, d_in)  new rows ~ N(0, init_std^2)
@@ -209,6 +211,9 @@ class LoRALinear(nn.Module):
     def n_trainable(self):
         """r (d_in + d_out)."""
         return self.rank * (self.base.in_features + self.base.out_features)
+
+    def delta_weight(self):
+        return self.scale * self.B @ self.A  # (d_out, d_in)
 
     def forward(self, x):
         return self.base(x) + (x @ self.A.t()) @ (self.scale * self.B).t()  # s on the small factor, as above
@@ -302,6 +307,60 @@ def inject(model, targets, layer_cls=TriAdaptLinear, **layer_kwargs):
         kinds = sorted({n.rpartition(".")[2] for n, _ in linears})
         raise ValueError(f"no nn.Linear named {', '.join(missing)}; linears in this model: {', '.join(kinds)}")
     return layers
+
+
+def adapter_state(layers):
+    """{name: factors}: what a trained adapter is, on the CPU. A TriAdaptLinear entry holds its
+    block_sizes and A, B, L, U (L and U dense, their masked entries zero); a LoRALinear one its rank,
+    A and B. load_adapter() rebuilds the layers from it; the base weights are not in it."""
+    state = {}
+    for name, layer in layers.items():
+        if isinstance(layer, TriAdaptLinear):
+            entry = {"block_sizes": list(layer.block_sizes), "L": layer.L, "U": layer.U}
+        else:
+            entry = {"rank": layer.rank}
+        entry.update(A=layer.A, B=layer.B)
+        state[name] = {k: v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v  # a copy: training goes on
+                       for k, v in entry.items()}
+    return state
+
+
+def load_adapter(model, state, alpha=16.0, ref_rank=8):
+    """Wrap, in place, the linears of `model` named in `state` (adapter_state's output) and load their
+    factors. A TriAdaptLinear is rebuilt as training left it: made at its first block's size, grown by
+    each later block (the masks follow from the sizes), then loaded. Returns {name: layer}."""
+    layers = {}
+    for name, entry in state.items():
+        if "block_sizes" in entry:
+            first, *rest = entry["block_sizes"]
+            (layer,) = inject(model, [name], rank=first, alpha=alpha, ref_rank=ref_rank).values()
+            for k in rest:
+                layer.grow(k)  # its random A rows are overwritten below
+        else:
+            (layer,) = inject(model, [name], layer_cls=LoRALinear, rank=entry["rank"], alpha=alpha).values()
+        with torch.no_grad():
+            for key in ("A", "B", "L", "U"):
+                if key in entry:
+                    p = getattr(layer, key)
+                    if p.shape != entry[key].shape:
+                        raise ValueError(f"{name}.{key} is saved as {tuple(entry[key].shape)}, "
+                                         f"but its block sizes make it {tuple(p.shape)}")
+                    p.copy_(entry[key])
+        layers[name] = layer
+    return layers
+
+
+@torch.no_grad()
+def merge_adapters(model):
+    """Fold every adapter of `model` into its base weight (W <- W + dW) and put that plain nn.Linear back
+    in the adapter's place, so that the state_dict has the keys of the model without adapters."""
+    adapters = [(n, m) for n, m in model.named_modules() if isinstance(m, (TriAdaptLinear, LoRALinear))]
+    for name, layer in adapters:
+        if not getattr(layer, "merged", False):
+            layer.base.weight += layer.delta_weight().to(layer.base.weight.dtype)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base)
+    return model
 
 
 class RankAllocator:

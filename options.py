@@ -1,0 +1,292 @@
+"""
+The command line of train.py: every flag, and every check of the user's input, made before
+anything is written. Bad input raises UsageError, which train.py prints as one line (exit 2).
+
+    python train.py --help
+
+validate() also settles what the flags leave open: the model's shape from an --init-from base,
+the budget, the device and dtype, the place of this process under torchrun (RANK, WORLD_SIZE,
+LOCAL_RANK from the environment), and with --resume which runs are finished, interrupted or new.
+"""
+import argparse
+import glob
+import math
+import os
+
+import torch
+
+import data
+import triadapt
+from model import GPT, GPTConfig
+
+SCHEDULES = ("linear", "exponential", "topk", "lora", "full")
+TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out")
+# Flags that change what a run computes: --resume refuses a checkpoint made with other values.
+TRAJECTORY = ("arch", "task", "n_layer", "n_head", "n_embd", "block_size", "data", "dtype", "batch_size", "seed",
+              "iters", "lr", "lr_warmup", "weight_decay", "init_from")
+ADAPTER_TRAJECTORY = ("targets", "ref_rank", "alpha")                     # lora and the growing schedules
+GROWTH_TRAJECTORY = ("init_rank", "rank_step", "budget", "max_rank", "warmup", "interval", "top_k", "orth_reg")
+PRETRAIN_TRAJECTORY = ("base_data", "pretrain_iters", "pretrain_lr")  # they make the base, unless --init-from
+
+
+class UsageError(Exception):
+    """Bad input: main() prints the message on one line and exits with status 2."""
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description="TriAdaptLoRA: pretrain a small transformer, then fine-tune it through growing triangular adapters.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--schedule", default="linear",
+                   help=f"growth schedule or baseline, one of {', '.join(SCHEDULES)}; a comma-separated list runs each in turn on the same base")
+    p.add_argument("--arch", default="gpt", choices=("gpt", "encoder"),
+                   help="gpt: causal decoder pretrained on next-byte prediction; encoder: bidirectional, pretrained with 15%% masked bytes")
+    p.add_argument("--task", default="lm", choices=("lm", "classify"),
+                   help="lm: fine-tune on the documentation text; classify: label source snippets by package (needs --arch encoder)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto picks cuda when available")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bf16"),
+                   help="auto: bf16 autocast on a CUDA GPU that supports it, float32 otherwise")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the training step; recompiled after each growth round (checkpoints hold the uncompiled model)")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager is for tests)")
+    p.add_argument("--data", default=None,
+                   help="fine-tuning text file (default: Python's own documentation, pydoc_data.topics)")
+    p.add_argument("--base-data", default=None,
+                   help="pretraining text file (default: the standard library's .py sources)")
+    p.add_argument("--init-from", default=None,
+                   help="a base checkpoint to fine-tune instead of pretraining one; the model shape comes from it")
+    p.add_argument("--out-dir", default="out",
+                   help="where caches, the base model and each run's checkpoint and metrics go")
+    p.add_argument("--pretrain-iters", type=int, default=1500, help="optimizer steps of pretraining")
+    p.add_argument("--pretrain-lr", type=float, default=2e-3, help="peak learning rate of pretraining")
+    p.add_argument("--iters", type=int, default=600, help="optimizer steps of fine-tuning, per schedule")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="sequences per optimizer step, over all processes together")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-steps each process splits its share of the batch into")
+    p.add_argument("--block-size", type=int, default=128, help="context length in bytes")
+    p.add_argument("--n-layer", type=int, default=4, help="transformer blocks")
+    p.add_argument("--n-head", type=int, default=4, help="attention heads")
+    p.add_argument("--n-embd", type=int, default=128, help="embedding width")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak fine-tuning learning rate (default: 2e-3 for adapters, 3e-4 for full)")
+    p.add_argument("--lr-warmup", type=int, default=30,
+                   help="steps of linear learning-rate warmup before the cosine decay")
+    p.add_argument("--weight-decay", type=float, default=0.0,
+                   help="AdamW weight decay of the trained parameters")
+    p.add_argument("--eval-interval", type=int, default=100,
+                   help="steps between validation (and checkpoint) points, in pretraining and fine-tuning")
+    p.add_argument("--eval-iters", type=int, default=20,
+                   help="batches per validation estimate (the same batches every time)")
+    p.add_argument("--log-interval", type=int, default=10,
+                   help="steps between reading the train loss back from the device (and a log line when stdout is not a terminal)")
+    p.add_argument("--seed", type=int, default=1337,
+                   help="seed of the model init, the batches and the adapters")
+    p.add_argument("--resume", action="store_true",
+                   help="continue interrupted runs from <out-dir>/<run>/ckpt.pt, keep finished ones, start the others")
+    p.add_argument("--ref-rank", type=int, default=8,
+                   help="r_ref: average rank per matrix the budget allows; plain LoRA's rank; s = alpha / r_ref")
+    p.add_argument("--init-rank", type=int, default=1, help="k_0: rank of every adapter at injection")
+    p.add_argument("--rank-step", type=int, default=None,
+                   help="k: rank added per growth (default max(1, r_ref // 2))")
+    p.add_argument("--budget", type=int, default=None,
+                   help="R_target: total rank over all matrices (default r_ref * number of matrices)")
+    p.add_argument("--max-rank", type=int, default=None,
+                   help="per-matrix rank cap (default min(d_in, d_out))")
+    p.add_argument("--alpha", type=float, default=16.0, help="adapter scale numerator: s = alpha / r_ref")
+    p.add_argument("--warmup", type=int, default=50, help="t_w: no allocation round before this step")
+    p.add_argument("--interval", type=int, default=10, help="dt: steps between allocation rounds")
+    p.add_argument("--top-k", type=int, default=4, help="K_fixed of the topk schedule")
+    p.add_argument("--orth-reg", type=float, default=0.1,
+                   help="lambda, the weight of the orthogonal regularizer")
+    p.add_argument("--targets", default=",".join(TARGETS),
+                   help=f"comma-separated linears to adapt, from {', '.join(TARGETS)}")
+    p.add_argument("--probe-iters", type=int, default=200,
+                   help="classify: steps training the head alone before fine-tuning (its accuracy is 'before')")
+    p.add_argument("--sample-len", type=int, default=200,
+                   help="bytes of text to sample at the end of an lm run")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="save a checkpoint and stop after this step of each run, as an interrupt would (to test --resume)")
+    p.add_argument("--dist-timeout", type=int, default=600,
+                   help="seconds a process waits for the others in a collective before failing")
+    return p
+
+
+def explicit_flags(argv):
+    """The flags given on the command line, as argparse dests (the others hold their defaults)."""
+    p = build_parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv)))
+
+
+# ----------------------------------------------------------------------------- checking the input
+
+def load_checkpoint(path, what="checkpoint"):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise UsageError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise UsageError(f"{what} {path} is a directory, not a file") from None
+    except Exception as e:  # a truncated or foreign file fails in many ways inside torch.load
+        raise UsageError(f"{what} {path} is truncated or corrupt ({type(e).__name__})") from None
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def validate(args, explicit=()):
+    """Every check that can fail on the user's input, before anything is written."""
+    args.schedules = [s.strip() for s in args.schedule.split(",") if s.strip()]
+    bad = [s for s in args.schedules if s not in SCHEDULES] or ([] if args.schedules else [args.schedule])
+    if bad:
+        raise UsageError(f"unknown schedule {bad[0]!r}: choose from {', '.join(SCHEDULES)}")
+    args.target_list = [t.strip() for t in args.targets.split(",") if t.strip()]
+    bad = [t for t in args.target_list if t not in TARGETS] or ([] if args.target_list else [args.targets])
+    if bad:
+        raise UsageError(f"unknown target module {bad[0]!r}: choose from {', '.join(TARGETS)}")
+    for name in ("iters", "batch_size", "grad_accum", "block_size", "n_layer", "n_head", "n_embd", "eval_interval",
+                 "eval_iters", "log_interval", "ref_rank", "init_rank", "interval", "top_k", "dist_timeout"):
+        if getattr(args, name) <= 0:
+            raise UsageError(f"{flag(name)} must be positive, got {getattr(args, name)}")
+    for name in ("pretrain_iters", "warmup", "lr_warmup", "probe_iters", "sample_len"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"{flag(name)} must not be negative, got {getattr(args, name)}")
+    for name in ("lr", "pretrain_lr", "alpha", "orth_reg", "weight_decay"):
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise UsageError(f"{flag(name)} must be a finite number, got {value}")
+    for name in ("lr", "pretrain_lr", "alpha", "rank_step", "budget", "max_rank", "stop_after"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise UsageError(f"{flag(name)} must be positive, got {getattr(args, name)}")
+    for name in ("orth_reg", "weight_decay"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"{flag(name)} must not be negative, got {getattr(args, name)}")
+    if not 0 <= args.seed < 2 ** 32:
+        raise UsageError(f"--seed must be in [0, 2**32 - 1], got {args.seed}")
+    if args.init_from:
+        take_shape_from_base(args, explicit)
+    if args.n_embd % args.n_head:
+        raise UsageError(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
+    if args.warmup >= args.iters:
+        raise UsageError(f"--warmup {args.warmup} must be below --iters {args.iters}: no allocation round could happen")
+    if args.task == "classify" and args.arch != "encoder":
+        raise UsageError("--task classify needs --arch encoder")
+    if args.init_rank > args.n_embd:
+        raise UsageError(f"--init-rank {args.init_rank} exceeds the smallest adapted dimension, --n-embd {args.n_embd}")
+    n_matrices = args.n_layer * len(args.target_list)
+    args.budget_total = args.budget or args.ref_rank * n_matrices
+    if args.init_rank * n_matrices > args.budget_total:
+        raise UsageError(f"budget {args.budget_total} is below the initial total rank {args.init_rank} x {n_matrices} matrices = {args.init_rank * n_matrices}")
+    validate_processes(args)
+    # data files: read once here, so that a bad file costs nothing
+    args.finetune_text = args.base_text = None
+    for name, attr in (("data", "finetune_text"), ("base_data", "base_text")):
+        path = getattr(args, name)
+        if path is not None:
+            text = data.read_text_file(path)
+            data.check_length(text, args.block_size, f"data file {path}")
+            setattr(args, attr, text)
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise UsageError(f"--out-dir {args.out_dir} is a file, not a folder")
+    check_resume(args)
+
+
+def take_shape_from_base(args, explicit):
+    """--init-from: the model's shape is the base's; a flag that says otherwise is an error."""
+    base = load_checkpoint(args.init_from, "base checkpoint")
+    if not isinstance(base, dict) or "model" not in base or "config" not in base:
+        raise UsageError(f"base checkpoint {args.init_from} holds no model and config")
+    cfg = base["config"]
+    with torch.device("meta"):  # the keys of the model this config builds, without its memory
+        expected = GPT(GPTConfig(**cfg)).state_dict().keys()
+    mismatch = key_mismatch(expected, base["model"].keys())
+    if mismatch:
+        raise UsageError(f"base checkpoint {args.init_from} does not fit its config: {mismatch}")
+    shape = {"arch": "encoder" if cfg["bidirectional"] else "gpt", "n_layer": cfg["n_layer"],
+             "n_head": cfg["n_head"], "n_embd": cfg["n_embd"], "block_size": cfg["block_size"]}
+    for key, value in shape.items():
+        if key in explicit and getattr(args, key) != value:
+            raise UsageError(f"{flag(key)} {getattr(args, key)} contradicts the base checkpoint {args.init_from}, "
+                             f"which has {key} {value} (drop the flag)")
+        setattr(args, key, value)
+
+
+def key_mismatch(expected, found):
+    """None when the keys agree, else one short line: the counts and the first offender."""
+    missing, unexpected = [k for k in expected if k not in found], [k for k in found if k not in expected]
+    if not missing and not unexpected:
+        return None
+    first = (missing or unexpected)[0]
+    return (f"{len(missing)} missing and {len(unexpected)} unexpected keys, "
+            f"the first {'missing' if missing else 'unexpected'} one {first!r}")
+
+
+def validate_processes(args):
+    """The device, and under torchrun the split of the batch over processes and micro-steps."""
+    args.world = int(os.environ.get("WORLD_SIZE", "1"))
+    args.rank = int(os.environ.get("RANK", "0"))
+    args.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if args.batch_size % (args.world * args.grad_accum):
+        raise UsageError(f"--batch-size {args.batch_size} is not divisible by {args.world} processes x "
+                         f"--grad-accum {args.grad_accum}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but CUDA is not available here (try --device cpu)")
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if cuda and args.world > 1 and int(os.environ.get("LOCAL_WORLD_SIZE", args.world)) > torch.cuda.device_count():
+        raise UsageError(f"{os.environ.get('LOCAL_WORLD_SIZE', args.world)} processes on this machine, but only "
+                         f"{torch.cuda.device_count()} GPU(s): one GPU per process")
+    args.device_name = (f"cuda:{args.local_rank}" if args.world > 1 else "cuda") if cuda else "cpu"
+    if args.dtype == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise UsageError("--dtype bf16 is not supported on this GPU (use --dtype float32)")
+    if args.dtype == "auto":
+        args.dtype = "bf16" if cuda and torch.cuda.is_bf16_supported() else "float32"
+
+
+def check_resume(args):
+    """With --resume: which runs are finished, interrupted or not begun; their settings must match."""
+    args.status = {s: run_status(args, s) if args.resume else "new" for s in args.schedules}
+    if not args.resume:
+        return
+    partial = glob.glob(os.path.join(args.out_dir, "base", "*.partial.pt"))
+    if all(s == "new" for s in args.status.values()) and not partial:
+        path = os.path.join(run_dir(args, args.schedules[0]), "ckpt.pt")
+        raise UsageError(f"nothing to resume: checkpoint {path} does not exist, nor an interrupted pretraining")
+
+
+def run_status(args, schedule):
+    """"done" (metrics.json written after the last step), "resume" (a checkpoint) or "new"."""
+    path = os.path.join(run_dir(args, schedule), "ckpt.pt")
+    if not os.path.exists(path):
+        return "new"
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict) or "step" not in ckpt or "args" not in ckpt:
+        raise UsageError(f"checkpoint {path} is not a training checkpoint")
+    if ckpt.get("schedule") != schedule:
+        raise UsageError(f"checkpoint {path} is from schedule {ckpt.get('schedule')!r}, not {schedule!r}")
+    check_same_settings(ckpt["args"], args, path, schedule)
+    done = ckpt["step"] >= args.iters and os.path.exists(os.path.join(run_dir(args, schedule), "metrics.json"))
+    return "done" if done else "resume"
+
+
+def check_same_settings(saved, args, path, schedule):
+    keys = TRAJECTORY + (() if args.init_from else PRETRAIN_TRAJECTORY)
+    keys += (ADAPTER_TRAJECTORY if schedule != "full" else ()) + (GROWTH_TRAJECTORY if schedule in triadapt.SCHEDULES else ())
+    for key in keys:
+        if saved.get(key) != getattr(args, key):
+            raise UsageError(f"checkpoint {path} was made with {flag(key)} {saved.get(key)}, not {getattr(args, key)}")
+
+
+def run_dir(args, schedule):
+    return os.path.join(args.out_dir, schedule if args.task == "lm" else f"{args.task}-{schedule}")
+
+
+def make_out_dir(args):
+    """The first write of a run: after every check has passed."""
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out-dir {args.out_dir} cannot be created: {e.strerror}") from None

@@ -1,0 +1,227 @@
+"""adapter.pt, the merged export and sample.py on tiny runs: round trips, sampling, classifying, bad input."""
+import argparse
+import contextlib
+import io
+import re
+
+import pytest
+import torch
+
+import data
+import sample
+import train
+from model import GPT, GPTConfig
+
+TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "8",
+        "--pretrain-iters", "50", "--iters", "20", "--warmup", "5", "--interval", "5", "--eval-interval", "20",
+        "--eval-iters", "2", "--ref-rank", "4", "--rank-step", "2", "--lr-warmup", "5", "--sample-len", "0"]
+TINY_CLASSIFY = ["--arch", "encoder", "--task", "classify", "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
+                 "--block-size", "32", "--batch-size", "8", "--pretrain-iters", "20", "--iters", "10",
+                 "--probe-iters", "5", "--eval-iters", "2", "--warmup", "2", "--interval", "2",
+                 "--eval-interval", "10", "--ref-rank", "4", "--rank-step", "2", "--schedule", "linear"]
+
+
+def train_quietly(argv):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert train.main(argv) == 0
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    """One tiny base and its linear, lora and full fine-tunes: (out dir, what train.py printed)."""
+    out = tmp_path_factory.mktemp("lm")
+    return out, train_quietly(TINY + ["--out-dir", str(out), "--schedule", "linear,lora,full"])
+
+
+@pytest.fixture(scope="module")
+def cls(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cls")
+    train_quietly(TINY_CLASSIFY + ["--out-dir", str(out)])
+    return out
+
+
+def run_folder(lm, cls, name):
+    return cls / name if name.startswith("classify-") else lm[0] / name
+
+
+def from_checkpoint(folder):
+    """The fine-tuned model rebuilt the way --resume does: from ckpt.pt and the base, through train.py."""
+    ckpt = torch.load(folder / "ckpt.pt", weights_only=False)
+    (base_path,) = (folder.parent / "base").glob("*.pt")
+    args = argparse.Namespace(**{**ckpt["args"], "device_name": "cpu"})
+    base = torch.load(base_path, weights_only=False)
+    model, layers = train.build_finetune_model(args, ckpt["schedule"], base, ckpt["model_config"]["n_classes"])
+    for name, blocks in ckpt["rank_pattern"].items():
+        for k in blocks[1:]:
+            layers[name].grow(k)
+    model.load_state_dict(ckpt["model"])
+    return model.eval()
+
+
+def logits(model, classify):
+    x = torch.randint(256, (3, model.config.block_size), generator=torch.Generator().manual_seed(0))  # (B, T)
+    with torch.no_grad():
+        return (model.classify(x) if classify else model(x))[0]
+
+
+def call(*argv):
+    """sample.main on argv: (exit status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = sample.main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.mark.parametrize("name", ["linear", "lora", "full", "classify-linear"])
+def test_adapter_reproduces_the_fine_tuned_model_exactly(lm, cls, name):
+    folder = run_folder(lm, cls, name)
+    model, adapter = sample.load_run(str(folder))
+    assert torch.equal(logits(model, "classify" in name), logits(from_checkpoint(folder), "classify" in name))
+    (base_path,) = (folder.parent / "base").glob("*.pt")
+    assert adapter["base_path"] == str(base_path)
+    size, base_size = (folder / "adapter.pt").stat().st_size, base_path.stat().st_size
+    if name == "full":  # every weight trained: the "adapter" is the whole state_dict
+        assert adapter["layers"] == {} and adapter["model"] is not None and size > base_size / 2
+    else:
+        assert adapter["model"] is None and size < base_size / 3
+        blocks = {n: e.get("block_sizes", [e.get("rank")]) for n, e in adapter["layers"].items()}
+        assert blocks == torch.load(folder / "ckpt.pt", weights_only=False)["rank_pattern"]
+    assert (adapter["cls_head"] is not None) == (name == "classify-linear")
+
+
+def test_the_report_prints_the_adapter_size_next_to_the_base(lm):
+    lines = [line for line in lm[1].splitlines() if line.startswith("adapter: ")]
+    pattern = r"adapter\.pt [\d.]+ KB.* \(base [\d.]+ KB\); use it with: python sample\.py --run "
+    assert len(lines) == 3 and all(re.search(pattern, line) for line in lines), lines
+    assert "the whole fine-tuned model" in lines[2]
+
+
+def test_a_resaved_base_matches_its_fingerprint(lm, tmp_path):
+    folder = lm[0] / "linear"
+    (base_path,) = (lm[0] / "base").glob("*.pt")
+    base = torch.load(base_path, weights_only=False)
+    resaved = {"config": base["config"], "model": {k: v.clone() for k, v in base["model"].items()}}
+    torch.save(resaved, tmp_path / "b.pt")  # another file, other bytes, the same weights
+    model, _ = sample.load_run(str(folder), base=str(tmp_path / "b.pt"))
+    assert torch.equal(logits(model, False), logits(sample.load_run(str(folder))[0], False))
+
+
+@pytest.mark.parametrize("name", ["linear", "lora", "classify-linear"])
+def test_merged_export_is_a_plain_checkpoint_with_the_same_outputs(lm, cls, name, tmp_path):
+    folder, classify = run_folder(lm, cls, name), "classify" in name
+    code, out, _ = call("--run", folder, "--export", tmp_path / "merged.pt")
+    assert code == 0 and "merged.pt" in out
+    ckpt = torch.load(tmp_path / "merged.pt", weights_only=True)  # tensors and plain values, nothing else
+    plain = GPT(GPTConfig(**ckpt["config"]))
+    plain.load_state_dict(ckpt["model"])  # strict: exactly the model.py keys
+    expected = logits(sample.load_run(str(folder))[0], classify)
+    torch.testing.assert_close(logits(plain.eval(), classify), expected, atol=1e-5, rtol=0)
+
+
+def test_merged_export_fine_tunes_with_init_from(lm, tmp_path):
+    out = lm[0]
+    assert call("--run", out / "linear", "--export", tmp_path / "merged.pt")[0] == 0
+    # topk is a schedule no other test runs: its folder is free, and the data cache is reused
+    train_quietly(TINY + ["--out-dir", str(out), "--init-from", str(tmp_path / "merged.pt"),
+                          "--schedule", "topk", "--iters", "2", "--warmup", "0"])
+    assert sample.load_run(str(out / "topk"))[1]["base_path"] == str(tmp_path / "merged.pt")
+    code, out_text, _ = call("--merged", tmp_path / "merged.pt", "--max-new-tokens", "10")
+    assert code == 0 and out_text.startswith("The ")
+
+
+@pytest.mark.parametrize("name", ["linear", "lora", "full"])
+def test_sampling_is_deterministic_under_a_seed(lm, name, tmp_path):
+    folder = lm[0] / name
+    argv = ["--run", folder, "--num-samples", "2", "--max-new-tokens", "40", "--device", "cpu"]
+    first, again, other = (call(*argv, "--seed", s) for s in ("1", "1", "2"))
+    assert first[0] == again[0] == other[0] == 0
+    assert first[1] == again[1] != other[1]
+    samples = first[1].split("---------------\n")[:-1]
+    assert len(samples) == 2 and all(s.startswith("The ") and len(s.encode()) >= 40 for s in samples)
+    (tmp_path / "prompt.txt").write_text("def ")
+    code, out, _ = call("--run", folder, "--prompt", f"FILE:{tmp_path / 'prompt.txt'}", "--max-new-tokens", "5")
+    assert code == 0 and out.startswith("def ")
+
+
+def test_classify_prints_a_distribution_over_every_label(cls, tmp_path):
+    folder = cls / "classify-linear"
+    model, _ = sample.load_run(str(folder))
+    probs = sample.class_probabilities(model, data.encode("import asyncio\nasync def main():"))
+    assert probs.shape == (len(data.CLASS_PACKAGES),) and (probs > 0).all()
+    assert abs(probs.sum().item() - 1) < 1e-6
+    code, out, _ = call("--run", folder, "--text", "import asyncio")
+    assert code == 0 and out.startswith("predicted: ")
+    lines = out.splitlines()[1:]
+    assert sorted(line.split()[0] for line in lines) == sorted(data.CLASS_PACKAGES)
+    assert abs(sum(float(line.split()[1]) for line in lines) - 1) < 1e-3  # printed to 4 decimals
+    (tmp_path / "snippet.py").write_bytes(b"from email import message\n")
+    assert call("--run", folder, "--file", tmp_path / "snippet.py")[0] == 0
+
+
+def other_base(lm, tmp_path):
+    """A base checkpoint of the same shape holding other weights."""
+    (base_path,) = (lm[0] / "base").glob("*.pt")
+    base = torch.load(base_path, weights_only=False)
+    base["model"] = {k: v + 1e-3 if k == "ln_f.weight" else v for k, v in base["model"].items()}
+    torch.save(base, tmp_path / "other.pt")
+    return tmp_path / "other.pt"
+
+
+def linear(lm):
+    return ["--run", lm[0] / "linear"]
+
+
+def moved_run(lm, tmp_path, edit=None, truncate=False):
+    """A copy of the linear run's adapter in a new folder, edited or cut in half."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    source = lm[0] / "linear" / "adapter.pt"
+    if truncate:
+        (folder / "adapter.pt").write_bytes(source.read_bytes()[: source.stat().st_size // 2])
+    else:
+        adapter = torch.load(source, weights_only=False)
+        edit(adapter)
+        torch.save(adapter, folder / "adapter.pt")
+    return folder
+
+
+BAD = [  # (what, argv from (lm, cls, tmp_path), a part of the message)
+    ("missing run folder", lambda lm, cls, t: ["--run", t / "nope"], "run folder"),
+    ("run without adapter", lambda lm, cls, t: ["--run", t], "holds no adapter.pt"),
+    ("another base", lambda lm, cls, t: [*linear(lm), "--base", other_base(lm, t)], "is not the base of"),
+    ("recorded base now another model",
+     lambda lm, cls, t: ["--run", moved_run(lm, t, lambda a: a.update(base_path=str(other_base(lm, t))))],
+     "is not the base of"),
+    ("truncated adapter", lambda lm, cls, t: ["--run", moved_run(lm, t, truncate=True)],
+     "is truncated or corrupt"),
+    ("prompt longer than the context", lambda lm, cls, t: [*linear(lm), "--prompt", "x" * 33],
+     "33 bytes, longer than the model's context (block_size 32)"),
+    ("zero samples", lambda lm, cls, t: [*linear(lm), "--num-samples", "0"], "--num-samples must be positive"),
+    ("negative length", lambda lm, cls, t: [*linear(lm), "--max-new-tokens", "-5"],
+     "--max-new-tokens must be positive"),
+    ("zero temperature", lambda lm, cls, t: [*linear(lm), "--temperature", "0"],
+     "--temperature must be a positive number"),
+    ("zero top-k", lambda lm, cls, t: [*linear(lm), "--top-k", "0"], "--top-k must be positive"),
+    ("missing prompt file", lambda lm, cls, t: [*linear(lm), "--prompt", f"FILE:{t / 'no.txt'}"], "does not exist"),
+    ("classifier without text", lambda lm, cls, t: ["--run", cls / "classify-linear"], "is a classifier"),
+    ("text to a language model", lambda lm, cls, t: [*linear(lm), "--text", "x"], "is a language model"),
+    ("neither run nor merged", lambda lm, cls, t: [], "give one of --run"),
+    ("export of a merged file", lambda lm, cls, t: ["--merged", t / "m.pt", "--export", t / "x.pt"],
+     "--export needs --run"),
+]
+
+
+@pytest.mark.parametrize("make_argv, message", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_input_is_one_line_and_exit_2(lm, cls, tmp_path, make_argv, message):
+    code, out, err = call(*make_argv(lm, cls, tmp_path))
+    assert code == 2, (out, err)
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where CUDA is missing")
+def test_device_cuda_without_cuda(lm):
+    code, _, err = call("--run", lm[0] / "linear", "--device", "cuda")
+    assert code == 2 and err == "error: --device cuda, but CUDA is not available here (try --device cpu)\n"
+
