@@ -19,7 +19,8 @@ quality: one shared base model; linear, exponential and topk growth, plain LoRA 
 LoRA at the rank whose parameter count is closest to the linear run's final count, and full
 fine-tuning, each for several seeds with the same steps and learning-rate schedule (train.py's
 finetune()). Reports the test split (never used to choose anything), mean +- std over seeds, and
-the fraction of the base-to-full gap each method closes.
+the fraction of the base-to-full gap each method closes; <out-dir>/bench_quality_<task>.svg draws
+the val-loss curves and the final test metric of every method (plot.py).
 """
 import argparse
 import collections
@@ -39,6 +40,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import data
 import options
+import plot
 import train
 import triadapt
 from model import GPT, GPTConfig
@@ -449,6 +451,15 @@ def heat_map(metrics):
     return "\n".join(lines)
 
 
+def quality_picture(results, path):
+    """<out-dir>/bench_quality_<task>.svg: every method's val-loss curve (mean and min-max over seeds), and
+    its final test loss (lm, with the base model's as a reference line) or test accuracy (classify)."""
+    base = results["base"]
+    reference = ("base (no fine-tuning)", base["test_loss"]) if base else None
+    svg = plot.comparison(results["methods"], f"bench.py quality: the {results['task']} task", reference)
+    train.save_text(svg, path)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description="Measure TriAdaptLoRA against plain LoRA, a dW-materializing variant and full fine-tuning.")
@@ -461,7 +472,7 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=3, help="quality: seeds per method")
     p.add_argument("--first-seed", type=int, default=0, help="quality: the first fine-tuning seed")
     p.add_argument("--quick", action="store_true", help="quality, gpu: a tiny smoke run of the same")
-    p.add_argument("--out-dir", default="out", help="quality: where the base model, the runs and bench_quality_<task>.json go")
+    p.add_argument("--out-dir", default="out", help="quality: where the base model, the runs and bench_quality_<task>.json and .svg go")
     p.add_argument("--methods", default="linear,exponential,topk,lora,full", help="quality: which methods to run (lora also runs the parameter-matched rank when linear runs)")
     p.add_argument("--task", default="lm", choices=("lm", "classify"), help="quality: lm (GPT on the documentation, losses) or classify (encoder, package labels, accuracy)")
     p.add_argument("--train-args", default="", help="quality: extra train.py flags for every run, e.g. '--warmup 100 --interval 20'")
@@ -513,6 +524,9 @@ def run_bench(args):
     path = os.path.join(args.out_dir, f"bench_quality_{args.task}.json")
     train.save_json(results, path)
     print(f"raw numbers: {path}")
+    picture = os.path.join(args.out_dir, f"bench_quality_{args.task}.svg")
+    quality_picture(results, picture)
+    print(f"picture: {picture}")
     return 0
 
 

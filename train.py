@@ -16,10 +16,11 @@ base corpus, or reuse the one saved under --out-dir/base for the same settings; 
     allocator.step(t, optimizer)                    # may grow ranks; new blocks join the optimizer
 
 then print the losses, the trainable parameters and the final rank of every adapted matrix, and
-write <out-dir>/<run>/metrics.json and ckpt.pt. Pretraining and fine-tuning share one loop
-(train_loop), which checkpoints every --eval-interval steps; a checkpoint holds everything needed
-to continue bit-for-bit (--resume): parameters, growth events, optimizer and allocator state, RNG
-states and the history so far.
+write <out-dir>/<run>/metrics.json, report.svg (its picture, drawn by plot.py) and ckpt.pt; several
+schedules also get one picture side by side, <out-dir>/comparison.svg. Pretraining and
+fine-tuning share one loop (train_loop), which checkpoints every --eval-interval steps; a
+checkpoint holds everything needed to continue bit-for-bit (--resume): parameters, growth events,
+optimizer and allocator state, RNG states and the history so far.
 
 Several processes (torchrun): --batch-size is the global batch. Every process draws the same
 global batch and trains on its own 1/N of it, in --grad-accum micro-steps, each weighted by its
@@ -47,6 +48,7 @@ from tqdm import tqdm
 
 import data
 import options
+import plot
 import triadapt
 from model import GPT, GPTConfig
 from options import TARGETS, UsageError, load_checkpoint, run_dir
@@ -75,6 +77,10 @@ def atomic_save(obj, path, writer=None):
 
 def save_json(obj, path):
     atomic_save(obj, path, lambda o, fh: fh.write(json.dumps(o, indent=1).encode()))
+
+
+def save_text(text, path):
+    atomic_save(text, path, lambda o, fh: fh.write(o.encode()))
 
 
 def get_lr(t, peak, warmup, total):
@@ -558,7 +564,7 @@ def report(args, run, folder, base_ckpt):
     model, layers, task, before = run.model, run.layers, run.task, run.extra["before"]
     val, test = task.evaluate(model, "val"), task.evaluate(model, "test")
     metrics = {"schedule": run.name, "val_loss_before": before["loss"], "val_loss": val["loss"], "test_loss": test["loss"],
-               "trainable_params": triadapt.count_trainable(model),
+               "trainable_params": triadapt.count_trainable(model), "peak_lr": run.peak_lr,
                "rank_pattern": {n: l.rank for n, l in layers.items()}, "total_rank": sum(l.rank for l in layers.values()),
                "block_sizes": {n: list(l.block_sizes) for n, l in layers.items() if hasattr(l, "block_sizes")},
                "growth_events": run.allocator.events if run.allocator else [], "seconds": run.seconds,
@@ -567,12 +573,14 @@ def report(args, run, folder, base_ckpt):
         metrics.update(val_acc_before=before["acc"], val_acc=val["acc"], test_acc=test["acc"])
     adapter_path = save_adapter(args, run, folder, base_ckpt)  # before metrics.json, which marks the run done
     save_json(metrics, os.path.join(folder, "metrics.json"))
+    save_text(plot.run_report(metrics, folder), os.path.join(folder, "report.svg"))  # drawn from metrics.json alone
     print(f"\n[{run.name}] val loss {before['loss']:.4f} -> {val['loss']:.4f} (test {test['loss']:.4f})"
           + (f", val acc {before['acc']:.3f} -> {val['acc']:.3f} (test {test['acc']:.3f})" if "acc" in val else "")
           + f"; {metrics['trainable_params']:,} trainable parameters; {run.seconds:.1f} s")
     if layers:
         print(f"final ranks (total {metrics['total_rank']}):\n{rank_table(layers)}")
     print(adapter_line(adapter_path, base_ckpt.get("path"), run.name))
+    print(f"picture: {os.path.join(folder, 'report.svg')}")
     if args.task == "lm" and args.arch == "gpt" and args.sample_len:
         gen = torch.Generator(device=args.device_name).manual_seed(args.seed)
         prompt = torch.tensor([data.encode("The ")], device=args.device_name)
@@ -699,6 +707,9 @@ def main(argv=None):
             dist.destroy_process_group()
     if len(results) > 1 and procs.master:
         print("\n" + comparison_table(results))
+        path = run_dir(args, "comparison") + ".svg"  # named like the runs' folders: out/classify-comparison.svg
+        save_text(plot.comparison({m["schedule"]: [m] for m in results}), path)
+        print(f"picture: {path}")
     return 0
 
 
