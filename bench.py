@@ -3,7 +3,7 @@ Measure TriAdaptLoRA side by side with its baselines, in one run, on this machin
 
     python bench.py speed                 # step time of each method as a ratio to plain LoRA (~minutes on 2 cores)
     python bench.py speed --device cuda
-    python bench.py quality               # 6 methods x 3 seeds on the default task (76 minutes measured on 2 shared cores)
+    python bench.py quality               # 6 methods x 3 seeds on the default task (76 min on 2 shared cores)
     python bench.py quality --quick       # a smoke run of the same
     python bench.py quality --task classify --methods linear,lora,full   # encoder accuracy
     python bench.py gpu                   # the GPU check: short runs on cuda, then speed and memory (< 5 min)
@@ -263,11 +263,14 @@ def gpu_runs(args):
     sizes = (["--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--block-size", "32", "--batch-size", "8",
               "--pretrain-iters", "40", "--iters", "30", "--warmup", "5", "--interval", "5", "--eval-interval", "10",
               "--eval-iters", "2", "--ref-rank", "4"] if args.quick else
-             ["--pretrain-iters", "300", "--iters", "200", "--warmup", "20", "--interval", "10", "--eval-interval", "100"])
+             ["--pretrain-iters", "300", "--iters", "200", "--warmup", "20", "--interval", "10",
+              "--eval-interval", "100"])
     common = ["--device", args.device, "--sample-len", "0"] + sizes
     stop = "15" if args.quick else "90"
     plan = [("bf16", ["--schedule", "linear,lora,full"]), ("float32", ["--schedule", "linear", "--dtype", "float32"]),
-            ("bf16 + compile", ["--schedule", "linear", "--compile"] + ([] if args.quick else ["--warmup", "50", "--interval", "50"])), ("stopped", ["--schedule", "linear", "--stop-after", stop]),
+            ("bf16 + compile", ["--schedule", "linear", "--compile"]
+             + ([] if args.quick else ["--warmup", "50", "--interval", "50"])),
+            ("stopped", ["--schedule", "linear", "--stop-after", stop]),
             ("resumed", ["--schedule", "linear", "--resume"])]
     results, seconds, base = {}, {}, None
     for name, flags in plan:
@@ -303,19 +306,23 @@ def gpu(args):
               f"{m['val_loss']:>9.4f} {m['test_loss']:>9.4f} {m['total_rank']:>5}")
     a, b = results["bf16"], results["resumed"]
     gap = max(abs(x["train_loss"] - y["train_loss"]) for x, y in zip(a["history"], b["history"]))
-    print(f"stop and resume against the straight bf16 run: same growth events {a['growth_events'] == b['growth_events']}, "
+    same = a["growth_events"] == b["growth_events"]
+    print(f"stop and resume against the straight bf16 run: same growth events {same}, "
           f"max |train loss difference| {gap:.2e}, val loss difference {abs(a['val_loss'] - b['val_loss']):.2e}")
     variants = ["lora", "tri (grown)", "materialized", "full"]
     shapes = [("default", GPTConfig()), ("wide", GPTConfig(n_embd=384, n_head=6))]
     if args.quick:
         shapes = [("tiny", GPTConfig(n_layer=1, n_embd=32, n_head=2, block_size=32))]
-    print(f"\none training step (fused AdamW, float32), batch {args.batch_size}, rank {args.rank}, {args.steps} interleaved steps")
+    print(f"\none training step (fused AdamW, float32), batch {args.batch_size}, rank {args.rank}, "
+          f"{args.steps} interleaved steps")
     print(f"{'shape':<8} {'method':<13} {'ms/step':>8} {'tokens/s':>10} {'peak MiB':>9}")
     for label, config in shapes:
         batches = make_batches(config, args.batch_size, args.device)
         built = {v: make_variant(v, config, args.rank, max(1, args.rank // 2), args.device, batches) for v in variants}
         times = time_steps(built, batches, args.steps, args.device)
-        peaks = peak_memory(built, batches, args.device) if args.device == "cuda" else {v: float("nan") for v in variants}
+        peaks = {v: float("nan") for v in variants}  # memory is measured on CUDA only
+        if args.device == "cuda":
+            peaks = peak_memory(built, batches, args.device)
         for v in variants:
             print(f"{label:<8} {v:<13} {times[v] * 1e3:>8.2f} {args.batch_size * config.block_size / times[v]:>10,.0f} "
                   f"{peaks[v] / 2 ** 20:>9.1f}")
@@ -332,11 +339,13 @@ def quality(args):
     Every run has its own folder under <out-dir>/bench: a finished run (metrics.json after its last
     step) is reused, an interrupted one continues from its checkpoint, so rerunning the same command
     after an interrupt loses nothing but the steps since the last checkpoint."""
-    common = ["--device", args.device, "--iters", str(args.iters), "--sample-len", "0", "--eval-interval", str(args.iters)]
+    common = ["--device", args.device, "--iters", str(args.iters), "--sample-len", "0",
+              "--eval-interval", str(args.iters)]
     if args.task == "classify":
         common += ["--arch", "encoder", "--task", "classify"]
     if args.quick:
-        common += ["--pretrain-iters", "100", "--warmup", "10", "--eval-iters", "5", "--iters", "60", "--eval-interval", "60", "--probe-iters", "20"]
+        common += ["--pretrain-iters", "100", "--warmup", "10", "--eval-iters", "5", "--iters", "60",
+                   "--eval-interval", "60", "--probe-iters", "20"]
     common += args.train_args
     procs = train.Procs()
 
@@ -347,7 +356,8 @@ def quality(args):
             with contextlib.redirect_stderr(said):
                 targs = options.build_parser().parse_args(argv)
         except SystemExit:  # argparse's own message, without its usage lines
-            raise options.UsageError(f"--train-args: {said.getvalue().strip().splitlines()[-1].partition('error: ')[2]}") from None
+            message = said.getvalue().strip().splitlines()[-1].partition("error: ")[2]
+            raise options.UsageError(f"--train-args: {message}") from None
         options.validate(targs, options.explicit_flags(argv))
         targs.resume_command = args.command
         return targs
@@ -368,7 +378,8 @@ def quality(args):
                            out_dir=os.path.join(args.out_dir, "bench", f"{label.replace(' ', '_')}-seed{seed}"))
             targs.status = {schedule: options.run_status(targs, schedule)}
             task = (data.ClassifyTask if classify else data.LMTask)(ft_splits, targs)
-            runs.append(train.finetune(targs, procs, schedule, base, task, n_classes=len(data.CLASS_PACKAGES) if classify else 0))
+            n_classes = len(data.CLASS_PACKAGES) if classify else 0
+            runs.append(train.finetune(targs, procs, schedule, base, task, n_classes=n_classes))
         results["methods"][label] = runs
 
     for schedule in ("linear", "exponential", "topk"):
@@ -381,7 +392,8 @@ def quality(args):
         per_rank = results["methods"]["lora r_ref"][0]["trainable_params"] / base_args.ref_rank
         matched = max(1, round(statistics.mean(m["trainable_params"] for m in results["methods"]["linear"]) / per_rank))
         if matched != base_args.ref_rank:
-            run(f"lora r={matched}", "lora", "--ref-rank", str(matched), "--alpha", str(base_args.alpha * matched / base_args.ref_rank))
+            alpha = base_args.alpha * matched / base_args.ref_rank
+            run(f"lora r={matched}", "lora", "--ref-rank", str(matched), "--alpha", str(alpha))
     if "full" in args.methods:
         run("full", "full")
     return results
@@ -402,8 +414,10 @@ def quality_table(results):
     base_test = results["base"]["test_loss"]
     full = results["methods"].get("full")
     full_test = statistics.mean(m["test_loss"] for m in full) if full else None
-    lines = [f"{'method':<14} {'val loss':>16} {'test loss':>16} {'gap closed':>10} {'trainable':>10} {'final rank':>10} {'seconds':>8}",
-             f"{'base (no FT)':<14} {results['base']['val_loss']:>16.4f} {base_test:>16.4f} {0.0:>10.3f} {0:>10,} {'-':>10} {'-':>8}"]
+    lines = [f"{'method':<14} {'val loss':>16} {'test loss':>16} {'gap closed':>10} {'trainable':>10} "
+             f"{'final rank':>10} {'seconds':>8}",
+             f"{'base (no FT)':<14} {results['base']['val_loss']:>16.4f} {base_test:>16.4f} {0.0:>10.3f} "
+             f"{0:>10,} {'-':>10} {'-':>8}"]
     for label, runs in results["methods"].items():
         v, vs = mean_std([m["val_loss"] for m in runs])
         t, ts = mean_std([m["test_loss"] for m in runs])
@@ -418,7 +432,8 @@ def quality_table(results):
 
 def accuracy_table(results):
     """Classification: accuracy before (head only, on the frozen encoder) and after, mean +- std."""
-    lines = [f"{'method':<14} {'val acc before':>14} {'val acc':>16} {'test acc':>16} {'trainable':>10} {'final rank':>10} {'seconds':>8}"]
+    lines = [f"{'method':<14} {'val acc before':>14} {'val acc':>16} {'test acc':>16} {'trainable':>10} "
+             f"{'final rank':>10} {'seconds':>8}"]
     for label, runs in results["methods"].items():
         b = statistics.mean(m["val_acc_before"] for m in runs)
         v, vs = mean_std([m["val_acc"] for m in runs])
@@ -426,7 +441,8 @@ def accuracy_table(results):
         rank = f"{statistics.mean(m['total_rank'] for m in runs):.0f}" if runs[0]["rank_pattern"] else "-"
         params = round(statistics.mean(m["trainable_params"] for m in runs))
         secs = statistics.mean(m["seconds"] for m in runs)
-        lines.append(f"{label:<14} {b:>14.3f} {v:>8.3f} +- {vs:.3f} {t:>8.3f} +- {ts:.3f} {params:>10,} {rank:>10} {secs:>8.1f}")
+        lines.append(f"{label:<14} {b:>14.3f} {v:>8.3f} +- {vs:.3f} {t:>8.3f} +- {ts:.3f} {params:>10,} "
+                     f"{rank:>10} {secs:>8.1f}")
     return "\n".join(lines)
 
 
@@ -445,7 +461,8 @@ def heat_map(metrics):
     digits = "0123456789abcdefghijklmnopqrstuvwxyz"
     short = {n: n.replace("blocks.", "").replace(".attn.", ".").replace(".mlp.", ".") for n in grid}
     width = max(len(s) for s in short.values())
-    lines = [f"{'':<{width}} " + (f"{len(rounds)} rounds, one column each, steps {rounds[0]}..{rounds[-1]}" if rounds else "(no rounds)")]
+    what = f"{len(rounds)} rounds, one column each, steps {rounds[0]}..{rounds[-1]}" if rounds else "(no rounds)"
+    lines = [f"{'':<{width}} " + what]
     for n, row in grid.items():
         lines.append(f"{short[n]:<{width}} " + "".join(digits[r] if r < 36 else "+" for r in row))
     return "\n".join(lines)
@@ -462,22 +479,32 @@ def quality_picture(results, path):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    p = argparse.ArgumentParser(description="Measure TriAdaptLoRA against plain LoRA, a dW-materializing variant and full fine-tuning.")
-    p.add_argument("what", choices=("speed", "quality", "gpu"), help="speed: step times, ops and ratios; quality: losses over seeds; gpu: the GPU check (short runs, then speed and memory)")
+    p = argparse.ArgumentParser(
+        description="Measure TriAdaptLoRA against plain LoRA, a dW-materializing variant and full fine-tuning.")
+    p.add_argument("what", choices=("speed", "quality", "gpu"),
+                   help="speed: step times, ops and ratios; quality: losses over seeds; "
+                        "gpu: the GPU check (short runs, then speed and memory)")
     p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="where to run (default: cpu, cuda for gpu)")
     p.add_argument("--rank", type=int, default=8, help="speed: the adapters' rank r (TriAdaptLoRA grown to it)")
     p.add_argument("--batch-size", type=int, default=32, help="speed: sequences per step")
-    p.add_argument("--steps", type=int, default=30, help="speed, gpu: timed steps per method and shape (speed --steps 0: op counts only)")
+    p.add_argument("--steps", type=int, default=30,
+                   help="speed, gpu: timed steps per method and shape (speed --steps 0: op counts only)")
     p.add_argument("--iters", type=int, default=600, help="quality: fine-tuning steps per run")
     p.add_argument("--seeds", type=int, default=3, help="quality: seeds per method")
     p.add_argument("--first-seed", type=int, default=0, help="quality: the first fine-tuning seed")
     p.add_argument("--quick", action="store_true", help="quality, gpu: a tiny smoke run of the same")
-    p.add_argument("--out-dir", default="out", help="quality: where the base model, the runs and bench_quality_<task>.json and .svg go")
-    p.add_argument("--methods", default="linear,exponential,topk,lora,full", help="quality: which methods to run (lora also runs the parameter-matched rank when linear runs)")
-    p.add_argument("--task", default="lm", choices=("lm", "classify"), help="quality: lm (GPT on the documentation, losses) or classify (encoder, package labels, accuracy)")
-    p.add_argument("--train-args", default="", help="quality: extra train.py flags for every run, e.g. '--warmup 100 --interval 20'")
+    p.add_argument("--out-dir", default="out",
+                   help="quality: where the base model, the runs and bench_quality_<task>.json and .svg go")
+    p.add_argument("--methods", default="linear,exponential,topk,lora,full",
+                   help="quality: which methods to run (lora also runs the parameter-matched rank when linear runs)")
+    p.add_argument("--task", default="lm", choices=("lm", "classify"),
+                   help="quality: lm (GPT on the documentation, losses) "
+                        "or classify (encoder, package labels, accuracy)")
+    p.add_argument("--train-args", default="",
+                   help="quality: extra train.py flags for every run, e.g. '--warmup 100 --interval 20'")
     args = p.parse_args(argv)
-    args.command = "python " + " ".join(shlex.quote(a) for a in ["bench.py"] + argv) + "  (the same command: finished runs are kept)"
+    args.command = ("python " + " ".join(shlex.quote(a) for a in ["bench.py"] + argv)
+                    + "  (the same command: finished runs are kept)")
     try:
         return run_bench(args)
     except (options.UsageError, data.DataError) as e:
@@ -515,7 +542,8 @@ def run_bench(args):
         return 0
     t0 = time.time()
     results = quality(args)
-    print(f"\nquality on the {args.task} task, {args.seeds} seeds, {args.iters if not args.quick else 60} steps each; test split; "
+    steps = args.iters if not args.quick else 60
+    print(f"\nquality on the {args.task} task, {args.seeds} seeds, {steps} steps each; test split; "
           f"machine: {results['machine']}; {time.time() - t0:.0f} s in all")
     print(accuracy_table(results) if args.task == "classify" else quality_table(results))
     if "linear" in results["methods"]:

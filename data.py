@@ -52,7 +52,8 @@ def stdlib_sources(exclude=()):
     root = sysconfig.get_paths()["stdlib"]
     paths = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in ("test", "tests", "idle_test", "site-packages", "__pycache__"))
+        skip = ("test", "tests", "idle_test", "site-packages", "__pycache__")
+        dirnames[:] = sorted(d for d in dirnames if d not in skip)
         paths += [os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(".py")]
     excluded = set(exclude)
     return [p for p in paths if p not in excluded]
@@ -216,7 +217,8 @@ def classification_files():
         total = sum(os.path.getsize(p) for p in order)
         filled = {"test": 0, "val": 0, "train": 0}
         for p in order:
-            split = next(s for s in ("test", "val", "train") if s == "train" or filled[s] == 0 or filled[s] < 0.1 * total)
+            split = next(s for s in ("test", "val", "train")
+                         if s == "train" or filled[s] == 0 or filled[s] < 0.1 * total)
             split_of[p] = split
             filled[split] += os.path.getsize(p)
         if filled["train"] == 0:

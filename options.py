@@ -35,20 +35,25 @@ class UsageError(Exception):
 
 def build_parser():
     p = argparse.ArgumentParser(
-        description="TriAdaptLoRA: pretrain a small transformer, then fine-tune it through growing triangular adapters.",
+        description="TriAdaptLoRA: pretrain a small transformer, then fine-tune it through growing "
+                    "triangular adapters.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--schedule", default="linear",
-                   help=f"growth schedule or baseline, one of {', '.join(SCHEDULES)}; a comma-separated list runs each in turn on the same base")
+                   help=f"growth schedule or baseline, one of {', '.join(SCHEDULES)}; "
+                        "a comma-separated list runs each in turn on the same base")
     p.add_argument("--arch", default="gpt", choices=("gpt", "encoder"),
-                   help="gpt: causal decoder pretrained on next-byte prediction; encoder: bidirectional, pretrained with 15%% masked bytes")
+                   help="gpt: causal decoder pretrained on next-byte prediction; "
+                        "encoder: bidirectional, pretrained with 15%% masked bytes")
     p.add_argument("--task", default="lm", choices=("lm", "classify"),
-                   help="lm: fine-tune on the documentation text; classify: label source snippets by package (needs --arch encoder)")
+                   help="lm: fine-tune on the documentation text; "
+                        "classify: label source snippets by package (needs --arch encoder)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto picks cuda when available")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bf16"),
                    help="auto: bf16 autocast on a CUDA GPU that supports it, float32 otherwise")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the training step; recompiled after each growth round (checkpoints hold the uncompiled model)")
+                   help="torch.compile the training step; recompiled after each growth round "
+                        "(checkpoints hold the uncompiled model)")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager is for tests)")
     p.add_argument("--data", default=None,
                    help="fine-tuning text file (default: Python's own documentation, pydoc_data.topics)")
@@ -80,7 +85,8 @@ def build_parser():
     p.add_argument("--eval-iters", type=int, default=20,
                    help="batches per validation estimate (the same batches every time)")
     p.add_argument("--log-interval", type=int, default=10,
-                   help="steps between reading the train loss back from the device (and a log line when stdout is not a terminal)")
+                   help="steps between reading the train loss back from the device "
+                        "(and a log line when stdout is not a terminal)")
     p.add_argument("--seed", type=int, default=1337,
                    help="seed of the model init, the batches and the adapters")
     p.add_argument("--resume", action="store_true",
@@ -107,7 +113,8 @@ def build_parser():
     p.add_argument("--sample-len", type=int, default=200,
                    help="bytes of text to sample at the end of an lm run")
     p.add_argument("--stop-after", type=int, default=None,
-                   help="save a checkpoint and stop after this step of each run, as an interrupt would (to test --resume)")
+                   help="save a checkpoint and stop after this step of each run, as an interrupt would "
+                        "(to test --resume)")
     p.add_argument("--dist-timeout", type=int, default=600,
                    help="seconds a process waits for the others in a collective before failing")
     return p
@@ -180,7 +187,8 @@ def validate(args, explicit=()):
     n_matrices = args.n_layer * len(args.target_list)
     args.budget_total = args.budget or args.ref_rank * n_matrices
     if args.init_rank * n_matrices > args.budget_total:
-        raise UsageError(f"budget {args.budget_total} is below the initial total rank {args.init_rank} x {n_matrices} matrices = {args.init_rank * n_matrices}")
+        raise UsageError(f"budget {args.budget_total} is below the initial total rank {args.init_rank} x "
+                         f"{n_matrices} matrices = {args.init_rank * n_matrices}")
     validate_processes(args)
     # data files: read once here, so that a bad file costs nothing
     args.finetune_text = args.base_text = None
@@ -274,7 +282,8 @@ def run_status(args, schedule):
 
 def check_same_settings(saved, args, path, schedule):
     keys = TRAJECTORY + (() if args.init_from else PRETRAIN_TRAJECTORY)
-    keys += (ADAPTER_TRAJECTORY if schedule != "full" else ()) + (GROWTH_TRAJECTORY if schedule in triadapt.SCHEDULES else ())
+    keys += ADAPTER_TRAJECTORY if schedule != "full" else ()
+    keys += GROWTH_TRAJECTORY if schedule in triadapt.SCHEDULES else ()
     for key in keys:
         if saved.get(key) != getattr(args, key):
             raise UsageError(f"checkpoint {path} was made with {flag(key)} {saved.get(key)}, not {getattr(args, key)}")

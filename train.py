@@ -101,7 +101,8 @@ def make_optimizer(params, lr, weight_decay):
 
 def rng_state(batch_gen):
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None, "batch": batch_gen.get_state()}
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "batch": batch_gen.get_state()}
 
 
 def set_rng_state(state, batch_gen):
@@ -147,7 +148,8 @@ class Interrupts:
             print("\nsecond interrupt: exiting now", file=sys.stderr, flush=True)
             os._exit(130)
         if not self.requested and self.procs.master:
-            print("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to quit at once)", file=sys.stderr, flush=True)
+            print("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to quit at once)",
+                  file=sys.stderr, flush=True)
         if not self.requested:
             self.requested, self.first = True, time.time()
 
@@ -197,19 +199,12 @@ def start_processes(args):
     return Procs(dist.get_rank(), dist.get_world_size(), args.local_rank, ctrl)
 
 
-def params_digest(model):
-    h = hashlib.sha256()
-    for name, p in model.named_parameters():
-        h.update(name.encode() + p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def check_in_sync(model, procs, where):
     """Every process must hold bitwise the same parameters; a drift is a bug, so stop loudly."""
     if procs.world == 1:
         return
     digests = [None] * procs.world
-    dist.all_gather_object(digests, params_digest(model), group=procs.ctrl)
+    dist.all_gather_object(digests, state_fingerprint(dict(model.named_parameters())), group=procs.ctrl)
     if len(set(digests)) > 1:
         raise TrainingError(f"{where}: the processes' parameters differ (digests {sorted(set(digests))})")
 
@@ -353,7 +348,8 @@ def flush(run, pending, procs):
     bad = next((i for i, v in enumerate(values) if not all(map(math.isfinite, v))), None)
     if bad is not None:
         what = "loss" if not math.isfinite(values[bad][0]) else "gradient norm"
-        raise TrainingError(f"[{run.name}] {what} is {values[bad][0 if what == 'loss' else 1]} at step {entries[bad]['step']} "
+        value = values[bad][0 if what == "loss" else 1]
+        raise TrainingError(f"[{run.name}] {what} is {value} at step {entries[bad]['step']} "
                             f"(steps {entries[0]['step']}..{entries[-1]['step']} read back); "
                             f"last good checkpoint: {run.last_good or 'none yet'}")
 
@@ -376,7 +372,8 @@ def train_loop(run, args, procs):
                 last = i == args.grad_accum - 1
                 with step_fn.no_sync() if procs.world > 1 and not last else contextlib.nullcontext():
                     with amp:
-                        loss, penalty = step_fn(data.to_device(xm, args.device_name), data.to_device(ym, args.device_name))
+                        loss, penalty = step_fn(data.to_device(xm, args.device_name),
+                                                data.to_device(ym, args.device_name))
                     # DDP averages gradients over processes; the shares sum to 1 over all of them
                     objective = loss * (share * procs.world)
                     if penalty is not None:
@@ -407,7 +404,8 @@ def train_loop(run, args, procs):
                 path = save(run, args, t0, procs)
                 progress.close()
                 if procs.master:
-                    print(f"[{run.name}] stopped after step {t}; checkpoint {path}\nresume with: {args.resume_command}", flush=True)
+                    print(f"[{run.name}] stopped after step {t}; checkpoint {path}\n"
+                          f"resume with: {args.resume_command}", flush=True)
                 procs.barrier()
                 raise SystemExit(130 if stop.requested else 0)
             if evaluate:
@@ -431,7 +429,10 @@ def cache_corpora(args, procs, base, finetune):
     for turn in ("master", "others"):
         if procs.master == (turn == "master"):
             base_splits = data.build_cache(base[2], base[0], base[1], cache)
-            ft_splits = finetune if args.task == "classify" else data.build_cache(finetune[2], finetune[0], finetune[1], cache)
+            if args.task == "classify":
+                ft_splits = finetune
+            else:
+                ft_splits = data.build_cache(finetune[2], finetune[0], finetune[1], cache)
         procs.barrier()
     return base_splits, ft_splits, hashlib.sha256(base[0]).hexdigest()
 
@@ -468,7 +469,8 @@ def pretrain(args, procs, base_splits, digest):
             print(f"pretraining: continuing from step {run.step} ({run.ckpt_path})")
     elif procs.master:
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"pretraining a {n_params / 1e6:.2f}M-parameter {args.arch} on {args.pretrain_iters} x {args.batch_size} x {args.block_size} bytes")
+        print(f"pretraining a {n_params / 1e6:.2f}M-parameter {args.arch} on "
+              f"{args.pretrain_iters} x {args.batch_size} x {args.block_size} bytes")
     train_loop(run, args, procs)
     ckpt = {"model": model.state_dict(), "config": asdict(config), "args": public_args(args), "key": key,
             "val_loss": run.history[-1].get("val_loss") if run.history else task.evaluate(model, "val")["loss"]}
@@ -500,7 +502,8 @@ def build_finetune_model(args, schedule, base_ckpt, n_classes):
     model.to(args.device_name)
     layers = {}
     if schedule == "lora":
-        layers = triadapt.inject(model, args.target_list, layer_cls=triadapt.LoRALinear, rank=args.ref_rank, alpha=args.alpha)
+        layers = triadapt.inject(model, args.target_list, layer_cls=triadapt.LoRALinear,
+                                 rank=args.ref_rank, alpha=args.alpha)
     elif schedule != "full":
         layers = triadapt.inject(model, args.target_list, rank=args.init_rank, alpha=args.alpha, ref_rank=args.ref_rank)
     if model.cls_head is not None:  # the head is new, so it trains in every schedule
@@ -549,7 +552,8 @@ def linear_probe(args, procs, model, task, gen):
     Every process trains it on the whole batch, so the heads stay identical without communication."""
     head = torch.optim.AdamW(model.cls_head.parameters(), lr=1e-2)
     amp = data.amp(args.device_name, args.dtype)
-    for _ in tqdm(range(args.probe_iters), desc="head only", dynamic_ncols=True, disable=not (procs.master and sys.stderr.isatty())):
+    quiet = not (procs.master and sys.stderr.isatty())
+    for _ in tqdm(range(args.probe_iters), desc="head only", dynamic_ncols=True, disable=quiet):
         x, y = (data.to_device(t, args.device_name) for t in task.batch("train", gen))
         with torch.no_grad(), amp:
             h = model.hidden(x).mean(dim=1)  # (B, C); the base is frozen: no graph through it
@@ -563,9 +567,11 @@ def linear_probe(args, procs, model, task, gen):
 def report(args, run, folder, base_ckpt):
     model, layers, task, before = run.model, run.layers, run.task, run.extra["before"]
     val, test = task.evaluate(model, "val"), task.evaluate(model, "test")
-    metrics = {"schedule": run.name, "val_loss_before": before["loss"], "val_loss": val["loss"], "test_loss": test["loss"],
+    metrics = {"schedule": run.name, "val_loss_before": before["loss"], "val_loss": val["loss"],
+               "test_loss": test["loss"],
                "trainable_params": triadapt.count_trainable(model), "peak_lr": run.peak_lr,
-               "rank_pattern": {n: l.rank for n, l in layers.items()}, "total_rank": sum(l.rank for l in layers.values()),
+               "rank_pattern": {n: l.rank for n, l in layers.items()},
+               "total_rank": sum(l.rank for l in layers.values()),
                "block_sizes": {n: list(l.block_sizes) for n, l in layers.items() if hasattr(l, "block_sizes")},
                "growth_events": run.allocator.events if run.allocator else [], "seconds": run.seconds,
                "world_size": args.world, "config": public_args(args), "history": run.history}
@@ -653,12 +659,15 @@ def rank_table(layers):
 
 def comparison_table(results):
     has_acc = any("val_acc" in m for m in results)
-    head = f"{'schedule':<12} {'val before':>10} {'val after':>10} {'test':>8}" + (f" {'val acc':>8} {'test acc':>8}" if has_acc else "") + f" {'trainable':>10} {'rank':>6} {'seconds':>8}"
+    head = (f"{'schedule':<12} {'val before':>10} {'val after':>10} {'test':>8}"
+            + (f" {'val acc':>8} {'test acc':>8}" if has_acc else "")
+            + f" {'trainable':>10} {'rank':>6} {'seconds':>8}")
     lines = [head, "-" * len(head)]
     for m in results:
         acc = f" {m['val_acc']:>8.3f} {m['test_acc']:>8.3f}" if has_acc else ""
-        lines.append(f"{m['schedule']:<12} {m['val_loss_before']:>10.4f} {m['val_loss']:>10.4f} {m['test_loss']:>8.4f}{acc} "
-                     f"{m['trainable_params']:>10,} {m['total_rank'] if m['rank_pattern'] else '-':>6} {m['seconds']:>8.1f}")
+        rank = m["total_rank"] if m["rank_pattern"] else "-"
+        lines.append(f"{m['schedule']:<12} {m['val_loss_before']:>10.4f} {m['val_loss']:>10.4f} "
+                     f"{m['test_loss']:>8.4f}{acc} {m['trainable_params']:>10,} {rank:>6} {m['seconds']:>8.1f}")
     return "\n".join(lines)
 
 

@@ -190,7 +190,8 @@ class TriAdaptLinear(nn.Module):
             self.merged = False
 
     def extra_repr(self):
-        return f"d_in={self.base.in_features}, d_out={self.base.out_features}, blocks={self.block_sizes}, s={self.scale:g}"
+        return (f"d_in={self.base.in_features}, d_out={self.base.out_features}, "
+                f"blocks={self.block_sizes}, s={self.scale:g}")
 
 
 class LoRALinear(nn.Module):
@@ -395,7 +396,8 @@ class RankAllocator:
         cap = max_rank or float("inf")
         self.caps = {n: min(l.base.in_features, l.base.out_features, cap) for n, l in self.layers.items()}
         if self.total_rank > self.target_total_rank:
-            raise ValueError(f"budget R_target = {self.target_total_rank} is below the initial total rank {self.total_rank}")
+            raise ValueError(f"budget R_target = {self.target_total_rank} is below the initial total rank "
+                             f"{self.total_rank}")
         self.prev = self.norms()  # N_l(prev)
         self.scores = {}
         self.events = []  # (t, name, k) of every growth, in order: what resume replays
@@ -425,7 +427,8 @@ class RankAllocator:
         K = growth_count(self.schedule, p, self.target_total_rank - self.total_rank, self.top_k)
         K = min(max(K, 1), len(eligible))
         tau = sorted((self.scores[n] for n in eligible), reverse=True)[K - 1]
-        chosen = sorted((n for n in eligible if self.scores[n] >= tau), key=lambda n: -self.scores[n])  # stable: ties keep layer order
+        # sorted() is stable: ties keep layer order
+        chosen = sorted((n for n in eligible if self.scores[n] >= tau), key=lambda n: -self.scores[n])
         grown = []
         for name in chosen:
             layer = self.layers[name]

@@ -37,14 +37,16 @@ def metrics(out, schedule):
 
 
 def test_every_schedule_end_to_end(tmp_path, base, capsys):
-    assert run(tmp_path, "--schedule", "linear,exponential,topk,lora,full", "--top-k", "2", "--iters", "60", base=base) == 0
+    assert run(tmp_path, "--schedule", "linear,exponential,topk,lora,full", "--top-k", "2", "--iters", "60",
+               base=base) == 0
     printed = capsys.readouterr().out
     assert "schedule     val before" in printed and "sample:" in printed
     budget = 4 * 2 * 6  # r_ref x layers x targets
     for schedule in ("linear", "exponential", "topk", "lora", "full"):
         m = metrics(tmp_path, schedule)
         assert m["val_loss"] < m["val_loss_before"] - 0.02, schedule
-        assert set(m) >= {"val_loss_before", "val_loss", "trainable_params", "rank_pattern", "seconds", "config", "history"}
+        assert set(m) >= {"val_loss_before", "val_loss", "trainable_params", "rank_pattern", "seconds", "config",
+                          "history"}
         assert len(m["history"]) == 60 and {"step", "train_loss", "total_rank"} <= set(m["history"][0])
         if schedule in ("linear", "exponential", "topk"):
             ranks = [h["total_rank"] for h in m["history"]]
@@ -246,35 +248,50 @@ def bad_inputs():
         ("too-short data file", lambda d, f: ["--data", write(d / "short.txt", b"x" * 100)], "short.txt is too short"),
         ("directory as data file", lambda d, f: ["--base-data", str(d)], "is a directory"),
         ("unreadable data file", lambda d, f: ["--data", "/proc/self/mem"], "cannot be read"),
-        ("unknown schedule", lambda d, f: ["--schedule", "linear,cosine"], "unknown schedule 'cosine': choose from linear, exponential, topk, lora, full"),
-        ("unknown target", lambda d, f: ["--targets", "q_proj,c_attn"], "unknown target module 'c_attn': choose from q_proj"),
+        ("unknown schedule", lambda d, f: ["--schedule", "linear,cosine"],
+          "unknown schedule 'cosine': choose from linear, exponential, topk, lora, full"),
+        ("unknown target", lambda d, f: ["--targets", "q_proj,c_attn"],
+          "unknown target module 'c_attn': choose from q_proj"),
         ("warmup >= iters", lambda d, f: ["--warmup", "40"], "--warmup 40 must be below --iters 40"),
         ("zero batch size", lambda d, f: ["--batch-size", "0"], "--batch-size must be positive, got 0"),
         ("negative layers", lambda d, f: ["--n-layer", "-1"], "--n-layer must be positive, got -1"),
         ("zero learning rate", lambda d, f: ["--lr", "0"], "--lr must be positive, got 0"),
         ("n_embd not divisible", lambda d, f: ["--n-head", "3"], "--n-embd 32 is not divisible by --n-head 3"),
-        ("budget below initial rank", lambda d, f: ["--init-rank", "2", "--budget", "20"], "budget 20 is below the initial total rank 2 x 12 matrices = 24"),
+        ("budget below initial rank", lambda d, f: ["--init-rank", "2", "--budget", "20"],
+          "budget 20 is below the initial total rank 2 x 12 matrices = 24"),
         ("resume without checkpoint", lambda d, f: ["--resume"], "ckpt.pt does not exist"),
         ("truncated checkpoint", lambda d, f: ["--resume"] + truncate(f, d), "is truncated or corrupt"),
-        ("checkpoint of another shape", lambda d, f: ["--resume", "--n-embd", "64"] + copy(f, d, same_flags=False), "was made with --n-embd 32, not 64"),
-        ("checkpoint of another schedule", lambda d, f: ["--resume", "--schedule", "lora"] + copy(f, d, "lora"), "is from schedule 'linear', not 'lora'"),
-        ("corrupt base checkpoint", lambda d, f: ["--init-from", write(d / "base.pt", b"not a checkpoint")], "is truncated or corrupt"),
+        ("checkpoint of another shape", lambda d, f: ["--resume", "--n-embd", "64"] + copy(f, d, same_flags=False),
+          "was made with --n-embd 32, not 64"),
+        ("checkpoint of another schedule", lambda d, f: ["--resume", "--schedule", "lora"] + copy(f, d, "lora"),
+          "is from schedule 'linear', not 'lora'"),
+        ("corrupt base checkpoint", lambda d, f: ["--init-from", write(d / "base.pt", b"not a checkpoint")],
+          "is truncated or corrupt"),
         ("out-dir is a file", lambda d, f: ["--out-dir", write(d / "file", b"x")], "is a file, not a folder"),
-        ("out-dir cannot be created", lambda d, f: ["--out-dir", "/proc/nope"], "--out-dir /proc/nope cannot be created"),
+        ("out-dir cannot be created", lambda d, f: ["--out-dir", "/proc/nope"],
+          "--out-dir /proc/nope cannot be created"),
         ("block size beyond the fine-tuning corpus", lambda d, f: ["--block-size", "100000"], "the fine-tuning corpus"),
         ("nan learning rate", lambda d, f: ["--lr", "nan"], "--lr must be a finite number, got nan"),
         ("infinite learning rate", lambda d, f: ["--lr", "inf"], "--lr must be a finite number, got inf"),
         ("negative seed", lambda d, f: ["--seed", "-1"], "--seed must be in [0, 2**32 - 1], got -1"),
         ("negative orth-reg", lambda d, f: ["--orth-reg", "-1"], "--orth-reg must not be negative, got -1.0"),
         ("negative alpha", lambda d, f: ["--alpha", "-5"], "--alpha must be positive, got -5.0"),
-        ("batch not divisible by grad-accum", lambda d, f: ["--grad-accum", "3"], "--batch-size 8 is not divisible by 1 processes x --grad-accum 3"),
-        ("resume with another ref-rank", lambda d, f: ["--resume", "--ref-rank", "2"] + copy(f, d), "was made with --ref-rank 4, not 2"),
-        ("resume with another lr", lambda d, f: ["--resume", "--lr", "1e-3"] + copy(f, d), "was made with --lr None, not 0.001"),
-        ("resume with another seed", lambda d, f: ["--resume", "--seed", "7"] + copy(f, d), "was made with --seed 1337, not 7"),
-        ("resume with another batch size", lambda d, f: ["--resume", "--batch-size", "4"] + copy(f, d), "was made with --batch-size 8, not 4"),
-        ("resume with another orth-reg", lambda d, f: ["--resume", "--orth-reg", "1"] + copy(f, d), "was made with --orth-reg 0.1, not 1.0"),
-        ("base of another shape", lambda d, f: ["--init-from", base_copy(f), "--block-size", "16"], "--block-size 16 contradicts the base checkpoint"),
-        ("base whose keys do not fit", lambda d, f: ["--init-from", renamed_base(f, d)], "2 missing and 2 unexpected keys, the first missing one 'wte.weight'"),
+        ("batch not divisible by grad-accum", lambda d, f: ["--grad-accum", "3"],
+          "--batch-size 8 is not divisible by 1 processes x --grad-accum 3"),
+        ("resume with another ref-rank", lambda d, f: ["--resume", "--ref-rank", "2"] + copy(f, d),
+          "was made with --ref-rank 4, not 2"),
+        ("resume with another lr", lambda d, f: ["--resume", "--lr", "1e-3"] + copy(f, d),
+          "was made with --lr None, not 0.001"),
+        ("resume with another seed", lambda d, f: ["--resume", "--seed", "7"] + copy(f, d),
+          "was made with --seed 1337, not 7"),
+        ("resume with another batch size", lambda d, f: ["--resume", "--batch-size", "4"] + copy(f, d),
+          "was made with --batch-size 8, not 4"),
+        ("resume with another orth-reg", lambda d, f: ["--resume", "--orth-reg", "1"] + copy(f, d),
+          "was made with --orth-reg 0.1, not 1.0"),
+        ("base of another shape", lambda d, f: ["--init-from", base_copy(f), "--block-size", "16"],
+          "--block-size 16 contradicts the base checkpoint"),
+        ("base whose keys do not fit", lambda d, f: ["--init-from", renamed_base(f, d)],
+          "2 missing and 2 unexpected keys, the first missing one 'wte.weight'"),
     ]
 
 
@@ -387,4 +404,5 @@ def test_compile_survives_more_growth_rounds_than_the_recompile_limit(tmp_path, 
     assert len(rounds) > torch._dynamo.config.recompile_limit
     assert COMPILED["compiles"] == len(rounds) + 1  # one compile at the start, one after each round, no more
     # every step ran a compiled graph, and the steps after the last round ran the newest one
-    assert len(COMPILED["calls"]) == 40 and COMPILED["calls"][-(40 - rounds[-1]):] == [len(rounds) + 1] * (40 - rounds[-1])
+    after_last = 40 - rounds[-1]
+    assert len(COMPILED["calls"]) == 40 and COMPILED["calls"][-after_last:] == [len(rounds) + 1] * after_last

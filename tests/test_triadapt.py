@@ -136,7 +136,8 @@ def test_growth_preserves_the_function_exactly():
     # longer inner products (now with exact zeros in them) in another order.
     assert torch.equal(layer.delta_weight(), dW)
     assert torch.allclose(layer(x), before, rtol=0, atol=1e-12)
-    assert torch.equal(layer.core()[3:, 3:], torch.eye(3, dtype=torch.float64)) and torch.count_nonzero(layer.core()[:3, 3:]) == 0
+    assert torch.equal(layer.core()[3:, 3:], torch.eye(3, dtype=torch.float64))
+    assert torch.count_nonzero(layer.core()[:3, 3:]) == 0
 
 
 def test_grow_past_the_cap_is_refused():
