@@ -75,15 +75,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 SCHEDULES = ("linear", "exponential", "topk")
+CORES = ("triangular", "diagonal")
+IMPORTANCES = ("frobenius", "sensitivity")
+ADVANCE_EPS = 1e-3  # the frozen core entry of an advance block: small, so it barely moves dW; Adam's
+                    # step size does not depend on the gradient's scale, so the block still trains
 
 
 class TriAdaptLinear(nn.Module):
     """A frozen nn.Linear plus the triangular adapter s * B @ (L + U) @ A, each factor one tensor."""
 
-    def __init__(self, base: nn.Linear, rank=1, alpha=16.0, ref_rank=8, init_std=0.02):
+    def __init__(self, base: nn.Linear, rank=1, alpha=16.0, ref_rank=8, init_std=0.02, core="triangular",
+                 advance=0):
         super().__init__()
         if rank < 1 or rank > min(base.in_features, base.out_features):
             raise ValueError(f"rank must be in [1, {min(base.in_features, base.out_features)}], got {rank}")
+        if core not in CORES:
+            raise ValueError(f"unknown core {core!r}: choose one of {', '.join(CORES)}")
+        self.core_kind = core
         self.base = base
         for p in base.parameters():
             p.requires_grad_(False)
@@ -101,7 +109,12 @@ class TriAdaptLinear(nn.Module):
         self.register_buffer("L_mask", w.new_zeros(0, 0), persistent=False)  # (r, r), 1 on the row blocks
         self.register_buffer("U_mask", w.new_zeros(0, 0), persistent=False)  # (r, r), 1 on the column blocks
         self.merged = False
+        self.track_sensitivity = False  # set by RankAllocator(importance="sensitivity")
+        self.register_buffer("sensitivity", w.new_zeros((), dtype=torch.float32), persistent=False)
         self.grow(rank)
+        self.advance = 0
+        if advance:
+            self._refill_advance(advance)
 
     @property
     def rank(self):
@@ -112,7 +125,9 @@ class TriAdaptLinear(nn.Module):
         """r (d_in + d_out) + 2 sum_j k_j R_j: the numbers that train (never the masked zeros of L and U)."""
         d_out, d_in = self.base.weight.shape
         core = 2 * sum((hi - lo) * hi for lo, hi in self._block_bounds())  # 2 sum_j k_j R_j
-        return self.rank * (d_in + d_out) + core
+        if self.core_kind == "diagonal":
+            core = self.rank                                               # lambda: r entries
+        return (self.rank + self.advance) * (d_in + d_out) + core
 
     def _block_bounds(self):
         """[(R_{j-1}, R_j) for every block j]."""
@@ -133,18 +148,37 @@ class TriAdaptLinear(nn.Module):
         """C = L + U; the masks keep the entries outside the blocks at zero and without a gradient."""
         return self.L * self.L_mask + self.U * self.U_mask  # (r, r)
 
+    def _factors(self):
+        """(C A, B) with the advance block, if any, appended with its frozen core ADVANCE_EPS * I."""
+        CA, B = self.core() @ self.A, self.B                       # (r, d_in), (d_out, r)
+        if self.advance:
+            CA = torch.cat([CA, ADVANCE_EPS * self.A_next])        # (r + k, d_in)
+            B = torch.cat([B, self.B_next], dim=1)                 # (d_out, r + k)
+        return CA, B
+
     def delta_weight(self):
-        return self.scale * self.B @ self.core() @ self.A  # (d_out, d_in)
+        CA, B = self._factors()
+        return self.scale * B @ CA  # (d_out, d_in)
 
     def forward(self, x):
         y = self.base(x)
         if self.merged:
             return y
+        if self.track_sensitivity and torch.is_grad_enabled():
+            # The sensitivity sum |dW * dL/ddW| needs dL/ddW itself, so dW is built and its gradient
+            # read by a hook (summed over micro-steps); this costs a d_out x d_in matmul per call.
+            dW = self.delta_weight()                                # (d_out, d_in)
+            dW.register_hook(lambda g, w=dW.detach(): self._observe(w, g))
+            return y + x @ dW.t()
         # ((x A^T) C^T) B^T s, with C and s applied to the small factors: C A costs r^2 d_in
         # once, where h C^T would cost r^2 per token, forward and backward; dW is never built.
-        CA = self.core() @ self.A                  # (r, d_in)
+        CA, B = self._factors()                    # (r, d_in), (d_out, r)
         h = x @ CA.t()                             # (..., r)
-        return y + h @ (self.scale * self.B).t()   # (..., d_out)
+        return y + h @ (self.scale * B).t()        # (..., d_out)
+
+    @torch.no_grad()
+    def _observe(self, w, g):
+        self.sensitivity += (w.float() * g.float()).abs().sum() / math.sqrt(w.numel())
 
     @torch.no_grad()
     def grow(self, k):
@@ -161,20 +195,50 @@ class TriAdaptLinear(nn.Module):
             raise ValueError(f"cannot grow rank {self.rank} by {k}: the cap is min(d_in, d_out) = {min(d_in, d_out)}")
         r = self.rank  # the new rank is R = r + k
         w = self.base.weight
-        A_new = torch.randn(k, d_in, device=w.device, dtype=w.dtype) * self.init_std  # the one RNG draw
+        eye = torch.eye(k, device=w.device, dtype=w.dtype)
+        advance = min(k, getattr(self, "advance", 0))  # rows of the advance block that become live
+        if advance:  # the block trained ahead goes live with its frozen eps: dW stays as it was
+            A_new = torch.cat([self.A_next[:advance],
+                               torch.randn(k - advance, d_in, device=w.device, dtype=w.dtype) * self.init_std])
+            B_new = F.pad(self.B_next[:, :advance], (0, k - advance))
+            eye[:advance, :advance] *= ADVANCE_EPS
+        else:
+            A_new = torch.randn(k, d_in, device=w.device, dtype=w.dtype) * self.init_std  # the one RNG draw
+            B_new = w.new_zeros(d_out, k)
         A = torch.cat([self.A, A_new])          # (R, d_in)  new rows ~ N(0, init_std^2)
-        B = F.pad(self.B, (0, k))               # (d_out, R) new columns 0
+        B = torch.cat([self.B, B_new], dim=1)   # (d_out, R) new columns 0
         L = F.pad(self.L, (0, k, 0, k))         # (R, R)     new row block P = [0 | I_k]
-        L[r:, r:] = torch.eye(k, device=w.device, dtype=w.dtype)
+        L[r:, r:] = eye
         U = F.pad(self.U, (0, k, 0, k))         # (R, R)     new column block Q = 0
         L_mask = F.pad(self.L_mask, (0, k, 0, k))  # (R, R)
-        L_mask[r:, :] = 1                          # rows R_{j-1}:R_j, columns 0:R_j
         U_mask = F.pad(self.U_mask, (0, k, 0, k))  # (R, R)
-        U_mask[:, r:] = 1                          # rows 0:R_j, columns R_{j-1}:R_j
+        if self.core_kind == "triangular":
+            L_mask[r:, :] = 1                      # rows R_{j-1}:R_j, columns 0:R_j
+            U_mask[:, r:] = 1                      # rows 0:R_j, columns R_{j-1}:R_j
+        else:
+            L_mask[r:, r:] = torch.eye(k, device=w.device, dtype=w.dtype)  # diag(lambda) only; U unused
         self.A, self.B, self.L, self.U = (nn.Parameter(t) for t in (A, B, L, U))
         self.L_mask, self.U_mask = L_mask, U_mask
         self.block_sizes.append(k)
-        return [self.A, self.B, self.L, self.U]
+        if advance:
+            self._refill_advance(self.advance)
+        return list(self.parameters(recurse=False))
+
+    @torch.no_grad()
+    def _refill_advance(self, k):
+        """A fresh advance block of size k: A_next ~ N(0, init_std^2), B_next = 0, trained ahead of its
+        growth under the frozen core entry ADVANCE_EPS (IncreLoRA's "advance learning")."""
+        d_out, d_in = self.base.weight.shape
+        w = self.base.weight
+        self.advance = k
+        self.A_next = nn.Parameter(torch.randn(k, d_in, device=w.device, dtype=w.dtype) * self.init_std)  # (k, d_in)
+        self.B_next = nn.Parameter(w.new_zeros(d_out, k))                                                # (d_out, k)
+
+    def drop_advance(self):
+        """Remove the advance block (no growth is left to use it); dW loses its eps-sized term."""
+        if self.advance:
+            del self.A_next, self.B_next
+            self.advance = 0
 
     @torch.no_grad()
     def merge(self):
@@ -190,8 +254,8 @@ class TriAdaptLinear(nn.Module):
             self.merged = False
 
     def extra_repr(self):
-        return (f"d_in={self.base.in_features}, d_out={self.base.out_features}, "
-                f"blocks={self.block_sizes}, s={self.scale:g}")
+        return (f"d_in={self.base.in_features}, d_out={self.base.out_features}, core={self.core_kind}, "
+                f"blocks={self.block_sizes}, advance={self.advance}, s={self.scale:g}")
 
 
 class LoRALinear(nn.Module):
@@ -222,7 +286,7 @@ class LoRALinear(nn.Module):
 
 def count_trainable(model):
     """Trainable numbers of `model`: adapters by n_trainable, every other trainable tensor by numel()."""
-    adapters = [m for m in model.modules() if isinstance(m, (TriAdaptLinear, LoRALinear))]
+    adapters = [m for m in model.modules() if hasattr(m, "n_trainable")]  # any adapter class (baselines.py)
     own = {id(p) for m in adapters for p in m.parameters(recurse=False)}  # A, B (L, U), not the base's
     others = sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in own)
     return others + sum(m.n_trainable for m in adapters)
@@ -247,6 +311,14 @@ def replace_in_optimizer(optimizer, old, new):
                 padded[tuple(slice(0, size) for size in o.shape)] = v
                 state[key] = padded
         optimizer.state[n] = state
+
+
+def remove_from_optimizer(optimizer, ids):
+    """Take the tensors whose id() is in `ids` out of the optimizer's param groups and state."""
+    for group in optimizer.param_groups:
+        group["params"] = [p for p in group["params"] if id(p) not in ids]
+    for p in [p for p in optimizer.state if id(p) in ids]:
+        del optimizer.state[p]
 
 
 def normalized_frobenius(C):
@@ -317,7 +389,11 @@ def adapter_state(layers):
     state = {}
     for name, layer in layers.items():
         if isinstance(layer, TriAdaptLinear):
-            entry = {"block_sizes": list(layer.block_sizes), "L": layer.L, "U": layer.U}
+            entry = {"block_sizes": list(layer.block_sizes), "core": layer.core_kind, "L": layer.L, "U": layer.U}
+            if layer.advance:  # the advance block is part of dW (its eps-sized term)
+                entry.update(A_next=layer.A_next, B_next=layer.B_next)
+        elif hasattr(layer, "adapter_entry"):  # a baseline's layer (baselines.py) says what it is
+            entry = layer.adapter_entry()
         else:
             entry = {"rank": layer.rank}
         entry.update(A=layer.A, B=layer.B)
@@ -326,21 +402,29 @@ def adapter_state(layers):
     return state
 
 
-def load_adapter(model, state, alpha=16.0, ref_rank=8):
+def load_adapter(model, state, alpha=16.0, ref_rank=8, builders=None):
     """Wrap, in place, the linears of `model` named in `state` (adapter_state's output) and load their
     factors. A TriAdaptLinear is rebuilt as training left it: made at its first block's size, grown by
-    each later block (the masks follow from the sizes), then loaded. Returns {name: layer}."""
+    each later block (the masks follow from the sizes), then loaded. `builders` maps an entry's "kind"
+    (a baseline's layer) to a function (model, name, entry) -> layer. Returns {name: layer}."""
     layers = {}
     for name, entry in state.items():
+        if "kind" in entry:
+            if entry["kind"] not in (builders or {}):
+                raise ValueError(f"{name}: no builder for adapter kind {entry['kind']!r}")
+            layers[name] = builders[entry["kind"]](model, name, entry)
+            continue
         if "block_sizes" in entry:
             first, *rest = entry["block_sizes"]
-            (layer,) = inject(model, [name], rank=first, alpha=alpha, ref_rank=ref_rank).values()
+            advance = len(entry["A_next"]) if "A_next" in entry else 0
+            (layer,) = inject(model, [name], rank=first, alpha=alpha, ref_rank=ref_rank,
+                              core=entry.get("core", "triangular"), advance=advance).values()
             for k in rest:
                 layer.grow(k)  # its random A rows are overwritten below
         else:
             (layer,) = inject(model, [name], layer_cls=LoRALinear, rank=entry["rank"], alpha=alpha).values()
         with torch.no_grad():
-            for key in ("A", "B", "L", "U"):
+            for key in ("A", "B", "L", "U", "A_next", "B_next"):
                 if key in entry:
                     p = getattr(layer, key)
                     if p.shape != entry[key].shape:
@@ -355,7 +439,7 @@ def load_adapter(model, state, alpha=16.0, ref_rank=8):
 def merge_adapters(model):
     """Fold every adapter of `model` into its base weight (W <- W + dW) and put that plain nn.Linear back
     in the adapter's place, so that the state_dict has the keys of the model without adapters."""
-    adapters = [(n, m) for n, m in model.named_modules() if isinstance(m, (TriAdaptLinear, LoRALinear))]
+    adapters = [(n, m) for n, m in model.named_modules() if hasattr(m, "delta_weight")]
     for name, layer in adapters:
         if not getattr(layer, "merged", False):
             layer.base.weight += layer.delta_weight().to(layer.base.weight.dtype)
@@ -372,35 +456,57 @@ class RankAllocator:
         allocator = RankAllocator(layers, total_steps=T, warmup=100, interval=10)
         for t in range(1, T + 1):
             loss = model(x, y) + lam * orthogonal_penalty(layers); loss.backward()
-            optimizer.step(); optimizer.zero_grad()
+            allocator.before_step(t)           # only needed with block_warmup
+            optimizer.step()
             if allocator.step(t, optimizer):   # grown tensors replace the old ones in the optimizer
                 params = [p for p in model.parameters() if p.requires_grad]
+            optimizer.zero_grad()
 
-    `sync`, if given, maps the dict {name: N(C)} measured at construction and at every round to the
-    dict used (e.g. rank 0's values broadcast to every process, so all make the same decision).
+    importance="frobenius" scores a matrix by how much N(C) = ||C||_F / r moved since the last round
+    (TriAdaptLoRA); "sensitivity" by IncreLoRA's smoothed sensitivity x uncertainty of dW, measured at
+    every step from I = sum |dW * dL/ddW| / sqrt(d_out d_in):
+
+        I_bar <- b1 I_bar + (1 - b1) I,   U_bar <- b2 U_bar + (1 - b2) |I - I_bar|,   score = I_bar U_bar
+
+    (U_bar uses the I_bar just updated). block_warmup = N scales the update of a block born after step
+    t0 by min(1, (t - t0) / N) at step t: the learning rate it sees is lr(t) min(1, (t - t0) / N).
+    Layers made with advance=k train their next block ahead; once the budget is spent it is dropped.
+    `sync`, if given, maps the dict {name: score or N(C)} measured at construction and at every round
+    to the dict used (e.g. rank 0's values broadcast to every process, so all make the same decision).
     """
 
     def __init__(self, layers, total_steps, target_total_rank=None, schedule="linear", warmup=0,
-                 interval=1, rank_step=None, top_k=1, max_rank=None, sync=None):
+                 interval=1, rank_step=None, top_k=1, max_rank=None, sync=None, importance="frobenius",
+                 betas=(0.85, 0.85), block_warmup=0):
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
+        if importance not in IMPORTANCES:
+            raise ValueError(f"unknown importance {importance!r}: choose one of {', '.join(IMPORTANCES)}")
         if not layers:
             raise ValueError("RankAllocator needs at least one layer")
         self.layers = dict(layers)
         ref_rank = next(iter(self.layers.values())).ref_rank
-        self.total_steps, self.schedule = total_steps, schedule
+        self.total_steps, self.schedule, self.importance = total_steps, schedule, importance
         self.warmup, self.interval, self.top_k = warmup, max(1, interval), top_k
         self.target_total_rank = target_total_rank or ref_rank * len(self.layers)  # R_target
         self.rank_step = rank_step or max(1, ref_rank // 2)                        # k
         self.sync = sync or (lambda norms: norms)
+        self.betas, self.block_warmup = betas, block_warmup
         cap = max_rank or float("inf")
         self.caps = {n: min(l.base.in_features, l.base.out_features, cap) for n, l in self.layers.items()}
         if self.total_rank > self.target_total_rank:
             raise ValueError(f"budget R_target = {self.target_total_rank} is below the initial total rank "
                              f"{self.total_rank}")
-        self.prev = self.norms()  # N_l(prev)
+        for layer in self.layers.values():
+            layer.track_sensitivity = importance == "sensitivity"
+        device = next(iter(self.layers.values())).A.device
+        self.I_bar = torch.zeros(len(self.layers), device=device)  # (n_layers,) sensitivity averages
+        self.U_bar = torch.zeros(len(self.layers), device=device)  # (n_layers,) uncertainty averages
+        self.prev = self.norms() if importance == "frobenius" else {}  # N_l(prev)
         self.scores = {}
         self.events = []  # (t, name, k) of every growth, in order: what resume replays
+        self._young = []  # [(layer, block lo, hi, born t0, saved slices)]: blocks still in their warmup
+        self._drop_spent_advance()
 
     @property
     def total_rank(self):
@@ -413,13 +519,49 @@ class RankAllocator:
         """{name: N(C)} of every layer, through `sync`."""
         return self.sync({n: normalized_frobenius(l.core()) for n, l in self.layers.items()})
 
+    @torch.no_grad()
+    def before_step(self, t):
+        """Call right before optimizer step t: remembers the young blocks' values (block_warmup)."""
+        self._young = [(l, lo, hi, t0, [p[sl].clone() for p, sl in self._block_slices(l, lo, hi)])
+                       for l, lo, hi, t0, _ in self._young if t - t0 < self.block_warmup]
+
+    @staticmethod
+    def _block_slices(layer, lo, hi):
+        """Where block lo:hi lives: rows of A and L (P_j), columns of B and U (Q_j)."""
+        cols = (slice(None), slice(lo, hi))
+        return [(layer.A, slice(lo, hi)), (layer.B, cols), (layer.L, slice(lo, hi)), (layer.U, cols)]
+
+    @torch.no_grad()
+    def _warm_up_blocks(self, t):
+        for layer, lo, hi, t0, saved in self._young:
+            f = min(1.0, (t - t0) / self.block_warmup)
+            for (p, sl), before in zip(self._block_slices(layer, lo, hi), saved):
+                p[sl] = before + f * (p[sl] - before)  # the update at lr(t) f instead of lr(t)
+
+    @torch.no_grad()
+    def _observe(self):
+        b1, b2 = self.betas
+        I = torch.stack([l.sensitivity for l in self.layers.values()])  # (n_layers,) this step's
+        self.I_bar.mul_(b1).add_((1 - b1) * I)
+        self.U_bar.mul_(b2).add_((1 - b2) * (I - self.I_bar).abs())
+        for l in self.layers.values():
+            l.sensitivity.zero_()
+
     def step(self, t, optimizer):
-        """Call right after optimizer step t (t counts from 1). Returns the names that grew."""
+        """Call right after optimizer step t (t counts from 1), before zero_grad. Returns the names that
+        grew."""
+        if self._young:
+            self._warm_up_blocks(t)
+        if self.importance == "sensitivity":
+            self._observe()
         if t <= self.warmup or t % self.interval or self.total_rank >= self.target_total_rank:
             return []
-        now = self.norms()
-        self.scores = {n: now[n] - self.prev[n] for n in now}
-        self.prev = now
+        if self.importance == "frobenius":
+            now = self.norms()
+            self.scores = {n: now[n] - self.prev[n] for n in now}
+            self.prev = now
+        else:
+            self.scores = self.sync(dict(zip(self.layers, (self.I_bar * self.U_bar).tolist())))
         eligible = [n for n, l in self.layers.items() if l.rank < self.caps[n]]
         if not eligible:
             return []
@@ -435,18 +577,38 @@ class RankAllocator:
             k = min(self.rank_step, self.target_total_rank - self.total_rank, self.caps[name] - layer.rank)
             if k <= 0:
                 break
-            self._grow(name, k, optimizer)
+            self._grow(t, name, k, optimizer)
             self.events.append((t, name, k))
             grown.append(name)
+        self._drop_spent_advance(optimizer)
         return grown
 
-    def _grow(self, name, k, optimizer):
+    def _grow(self, t, name, k, optimizer):
         layer = self.layers[name]
-        old = [layer.A, layer.B, layer.L, layer.U]
-        replace_in_optimizer(optimizer, old, layer.grow(k))
+        old = list(layer.parameters(recurse=False))
+        new = layer.grow(k)
+        replace_in_optimizer(optimizer, old, new)
+        if layer.advance:  # the refilled advance block is new: its Adam moments start from zero
+            for p in (layer.A_next, layer.B_next):
+                for key, v in optimizer.state.get(p, {}).items():
+                    if torch.is_tensor(v) and v.shape == p.shape:
+                        v.zero_()
+        if self.block_warmup:
+            self._young.append((layer, layer.rank - k, layer.rank, t, None))
+
+    def _drop_spent_advance(self, optimizer=None):
+        """Advance blocks are dropped once no growth is left for them (budget spent, or at the cap)."""
+        for name, layer in self.layers.items():
+            spent = self.total_rank >= self.target_total_rank or layer.rank >= self.caps[name]
+            if getattr(layer, "advance", 0) and spent:
+                gone = {id(layer.A_next), id(layer.B_next)}
+                layer.drop_advance()
+                if optimizer is not None:
+                    remove_from_optimizer(optimizer, gone)
 
     def state_dict(self):
-        return {"prev": dict(self.prev), "scores": dict(self.scores), "events": list(self.events)}
+        return {"prev": dict(self.prev), "scores": dict(self.scores), "events": list(self.events),
+                "I_bar": self.I_bar.tolist(), "U_bar": self.U_bar.tolist()}  # float32 -> float -> float32 is exact
 
     def load_state_dict(self, state, optimizer):
         """Replay the recorded growths (shapes, and the tensors the optimizer holds), then restore the norms.
@@ -456,6 +618,10 @@ class RankAllocator:
         if self.events:
             raise RuntimeError("load_state_dict() needs an allocator that has not grown anything yet")
         for t, name, k in state["events"]:
-            self._grow(name, k, optimizer)
+            self._grow(t, name, k, optimizer)
+        self._drop_spent_advance(optimizer)
         self.events = [tuple(e) for e in state["events"]]
         self.prev, self.scores = dict(state["prev"]), dict(state["scores"])
+        if "I_bar" in state:
+            self.I_bar.copy_(torch.tensor(state["I_bar"]))
+            self.U_bar.copy_(torch.tensor(state["U_bar"]))
