@@ -333,6 +333,20 @@ def gpu(args):
 
 # ----------------------------------------------------------------------------- quality
 
+# name: (label in the tables, schedule, extra train.py flags); lora-matched is computed from linear's count
+METHODS = {
+    "linear": ("linear", "linear"), "exponential": ("exponential", "exponential"), "topk": ("topk", "topk"),
+    "lora": ("lora r_ref", "lora"), "lora-matched": None, "adalora": ("adalora", "adalora"),
+    "increlora": ("increlora", "increlora"), "full": ("full", "full"),
+    # the ablation grid on the linear schedule: which of TriAdaptLoRA's ideas does the work
+    "linear-diagonal": ("linear-diagonal", "linear", "--core", "diagonal"),
+    "linear-sensitivity": ("linear-sensitivity", "linear", "--importance", "sensitivity"),
+    "linear-diagonal-sensitivity": ("linear-diagonal-sensitivity", "linear", "--core", "diagonal",
+                                    "--importance", "sensitivity"),
+}
+ABLATIONS = ("linear-diagonal", "linear-sensitivity", "linear-diagonal-sensitivity")
+
+
 def quality(args):
     """Fine-tune every method for every seed from one shared base; returns the raw metrics.
 
@@ -370,6 +384,10 @@ def quality(args):
     classify = args.task == "classify"
     results = {"task": args.task, "machine": machine(), "methods": {},
                "base": None if classify else base_losses(base, ft_splits, base_args)}
+    previous = os.path.join(args.out_dir, f"bench_quality_{args.task}.json")
+    if os.path.exists(previous):  # a bench split over several commands: the others' methods stay in the tables
+        with open(previous) as f:
+            results["methods"] = json.load(f)["methods"]
 
     def run(label, schedule, *extra):
         runs = []
@@ -382,20 +400,21 @@ def quality(args):
             runs.append(train.finetune(targs, procs, schedule, base, task, n_classes=n_classes))
         results["methods"][label] = runs
 
-    for schedule in ("linear", "exponential", "topk"):
-        if schedule in args.methods:
-            run(schedule, schedule)
-    if "lora" in args.methods:
-        run("lora r_ref", "lora")
-    if "lora" in args.methods and "linear" in args.methods:
-        # plain LoRA with as many trainable parameters as the linear runs ended with, at the same s
-        per_rank = results["methods"]["lora r_ref"][0]["trainable_params"] / base_args.ref_rank
-        matched = max(1, round(statistics.mean(m["trainable_params"] for m in results["methods"]["linear"]) / per_rank))
-        if matched != base_args.ref_rank:
+    for name in args.methods:
+        if name == "lora-matched":
+            # plain LoRA with as many trainable parameters as the linear runs ended with, at the same s
+            for needed, label in (("linear", "linear"), ("lora", "lora r_ref")):
+                if label not in results["methods"]:
+                    run(label, *METHODS[needed][1:])
+            per_rank = results["methods"]["lora r_ref"][0]["trainable_params"] / base_args.ref_rank
+            linear = statistics.mean(m["trainable_params"] for m in results["methods"]["linear"])
+            matched = max(1, round(linear / per_rank))
             alpha = base_args.alpha * matched / base_args.ref_rank
             run(f"lora r={matched}", "lora", "--ref-rank", str(matched), "--alpha", str(alpha))
-    if "full" in args.methods:
-        run("full", "full")
+        elif name in METHODS:
+            run(*METHODS[name])
+        else:
+            run(name, *args.variants[name])
     return results
 
 
@@ -410,23 +429,34 @@ def mean_std(xs):
     return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
+def ms_per_step(runs):
+    return statistics.mean(1000 * m["seconds"] / len(m["history"]) for m in runs)
+
+
 def quality_table(results):
+    """Methods as rows: val and test loss (mean +- std over seeds: the std is the stability), the share of
+    the base-to-full test gap closed, trainable parameters at the end and the most held during training,
+    the final total rank, and ms/step over plain LoRA's (runs one after another: rough)."""
     base_test = results["base"]["test_loss"]
-    full = results["methods"].get("full")
+    methods = results["methods"]
+    full = methods.get("full")
     full_test = statistics.mean(m["test_loss"] for m in full) if full else None
-    lines = [f"{'method':<14} {'val loss':>16} {'test loss':>16} {'gap closed':>10} {'trainable':>10} "
-             f"{'final rank':>10} {'seconds':>8}",
-             f"{'base (no FT)':<14} {results['base']['val_loss']:>16.4f} {base_test:>16.4f} {0.0:>10.3f} "
-             f"{0:>10,} {'-':>10} {'-':>8}"]
-    for label, runs in results["methods"].items():
+    lora = ms_per_step(methods["lora r_ref"]) if "lora r_ref" in methods else None
+    lines = [f"{'method':<28} {'val loss':>16} {'test loss':>16} {'gap closed':>10} {'trainable':>10} "
+             f"{'max held':>10} {'rank':>5} {'ms/step':>8} {'vs LoRA':>7}",
+             f"{'base (no FT)':<28} {results['base']['val_loss']:>16.4f} {base_test:>16.4f} {0.0:>10.3f} "
+             f"{0:>10,} {0:>10,} {'-':>5} {'-':>8} {'-':>7}"]
+    for label, runs in methods.items():
         v, vs = mean_std([m["val_loss"] for m in runs])
         t, ts = mean_std([m["test_loss"] for m in runs])
         closed = f"{(base_test - t) / (base_test - full_test):.3f}" if full else "-"
-        rank = statistics.mean(m["total_rank"] for m in runs) if runs[0]["rank_pattern"] else "-"
+        rank = f"{statistics.mean(m['total_rank'] for m in runs):.0f}" if runs[0]["rank_pattern"] else "-"
         params = round(statistics.mean(m["trainable_params"] for m in runs))
-        secs = statistics.mean(m["seconds"] for m in runs)
-        lines.append(f"{label:<14} {v:>8.4f} +- {vs:.4f} {t:>8.4f} +- {ts:.4f} {closed:>10} {params:>10,} "
-                     f"{rank if rank == '-' else f'{rank:.0f}':>10} {secs:>8.1f}")
+        held = round(statistics.mean(m.get("max_trainable_params", m["trainable_params"]) for m in runs))
+        ms = ms_per_step(runs)
+        ratio = f"{ms / lora:.2f}" if lora else "-"
+        lines.append(f"{label:<28} {v:>8.4f} +- {vs:.4f} {t:>8.4f} +- {ts:.4f} {closed:>10} {params:>10,} "
+                     f"{held:>10,} {rank:>5} {ms:>8.0f} {ratio:>7}")
     return "\n".join(lines)
 
 
@@ -495,8 +525,12 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="quality, gpu: a tiny smoke run of the same")
     p.add_argument("--out-dir", default="out",
                    help="quality: where the base model, the runs and bench_quality_<task>.json and .svg go")
-    p.add_argument("--methods", default="linear,exponential,topk,lora,full",
-                   help="quality: which methods to run (lora also runs the parameter-matched rank when linear runs)")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="quality: which methods to run, by name (lora-matched: plain LoRA with linear's "
+                        "parameter count); runs of other commands with the same --out-dir stay in the tables")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
+                   help="quality: one more method, e.g. 'linear-bw20=--schedule linear --block-warmup 20'; "
+                        "select it with --methods NAME (repeat the flag for several)")
     p.add_argument("--task", default="lm", choices=("lm", "classify"),
                    help="quality: lm (GPT on the documentation, losses) "
                         "or classify (encoder, package labels, accuracy)")
@@ -518,11 +552,25 @@ def main(argv=None):
         return 130
 
 
+def parse_variants(specs):
+    """{name: (schedule, flags...)} from --variant NAME=FLAGS (FLAGS must hold --schedule)."""
+    variants = {}
+    for spec in specs:
+        name, _, flags = spec.partition("=")
+        flags = shlex.split(flags)
+        if not name or name in METHODS or "--schedule" not in flags[:-1]:
+            raise options.UsageError(f"--variant {spec!r}: write NAME=FLAGS with a new NAME and --schedule in FLAGS")
+        i = flags.index("--schedule")
+        variants[name] = (flags[i + 1], *flags[:i], *flags[i + 2:])
+    return variants
+
+
 def run_bench(args):
     args.device = args.device or ("cuda" if args.what == "gpu" else "cpu")
     args.train_args = args.train_args.split()
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    known = ("linear", "exponential", "topk", "lora", "full")
+    args.variants = parse_variants(args.variant)
+    known = list(METHODS) + list(args.variants)
     bad = [m for m in args.methods if m not in known] or ([] if args.methods else ["(none)"])
     if bad:
         raise options.UsageError(f"unknown method {bad[0]!r} in --methods: choose from {', '.join(known)}")

@@ -19,13 +19,16 @@ import data
 import triadapt
 from model import GPT, GPTConfig
 
-SCHEDULES = ("linear", "exponential", "topk", "lora", "full")
+SCHEDULES = ("linear", "exponential", "topk", "lora", "adalora", "increlora", "full")
+GROWING = triadapt.SCHEDULES + ("increlora",)  # the schedules RankAllocator drives
 TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out")
 # Flags that change what a run computes: --resume refuses a checkpoint made with other values.
 TRAJECTORY = ("arch", "task", "n_layer", "n_head", "n_embd", "block_size", "data", "dtype", "batch_size", "seed",
               "iters", "lr", "lr_warmup", "weight_decay", "init_from")
 ADAPTER_TRAJECTORY = ("targets", "ref_rank", "alpha")                     # lora and the growing schedules
-GROWTH_TRAJECTORY = ("init_rank", "rank_step", "budget", "max_rank", "warmup", "interval", "top_k", "orth_reg")
+GROWTH_TRAJECTORY = ("init_rank", "rank_step", "budget", "max_rank", "warmup", "interval", "top_k", "orth_reg",
+                     "core", "importance", "block_warmup", "advance")
+ADALORA_TRAJECTORY = ("budget", "warmup", "interval", "orth_reg", "adalora_init_rank", "final_warmup")
 PRETRAIN_TRAJECTORY = ("base_data", "pretrain_iters", "pretrain_lr")  # they make the base, unless --init-from
 
 
@@ -104,6 +107,21 @@ def build_parser():
     p.add_argument("--warmup", type=int, default=50, help="t_w: no allocation round before this step")
     p.add_argument("--interval", type=int, default=10, help="dt: steps between allocation rounds")
     p.add_argument("--top-k", type=int, default=4, help="K_fixed of the topk schedule")
+    p.add_argument("--core", default="triangular", choices=triadapt.CORES,
+                   help="ablation: the core C of the growing schedules; diagonal is diag(lambda), as IncreLoRA's")
+    p.add_argument("--importance", default="frobenius", choices=triadapt.IMPORTANCES,
+                   help="ablation: frobenius scores how fast ||C||_F / r moves (TriAdaptLoRA); sensitivity "
+                        "the smoothed |dW * dL/ddW| x its uncertainty (IncreLoRA)")
+    p.add_argument("--block-warmup", type=int, default=None,
+                   help="N: a block born at step t0 trains at lr(t) * min(1, (t - t0) / N) "
+                        "(default 0, off; increlora: 10)")
+    p.add_argument("--advance", action="store_true",
+                   help="advance learning: every matrix trains its next block ahead of time under a frozen "
+                        "tiny core entry (always on for increlora)")
+    p.add_argument("--adalora-init-rank", type=int, default=None,
+                   help="adalora: triplets per matrix at the start (default 1.5 r_ref), pruned to the budget")
+    p.add_argument("--final-warmup", type=int, default=None,
+                   help="adalora: t_f, the last steps with the rank pattern fixed (default --iters // 6)")
     p.add_argument("--orth-reg", type=float, default=0.1,
                    help="lambda, the weight of the orthogonal regularizer")
     p.add_argument("--targets", default=",".join(TARGETS),
@@ -159,14 +177,15 @@ def validate(args, explicit=()):
                  "eval_iters", "log_interval", "ref_rank", "init_rank", "interval", "top_k", "dist_timeout"):
         if getattr(args, name) <= 0:
             raise UsageError(f"{flag(name)} must be positive, got {getattr(args, name)}")
-    for name in ("pretrain_iters", "warmup", "lr_warmup", "probe_iters", "sample_len"):
-        if getattr(args, name) < 0:
+    for name in ("pretrain_iters", "warmup", "lr_warmup", "probe_iters", "sample_len", "block_warmup",
+                 "final_warmup"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
             raise UsageError(f"{flag(name)} must not be negative, got {getattr(args, name)}")
     for name in ("lr", "pretrain_lr", "alpha", "orth_reg", "weight_decay"):
         value = getattr(args, name)
         if value is not None and not math.isfinite(value):
             raise UsageError(f"{flag(name)} must be a finite number, got {value}")
-    for name in ("lr", "pretrain_lr", "alpha", "rank_step", "budget", "max_rank", "stop_after"):
+    for name in ("lr", "pretrain_lr", "alpha", "rank_step", "budget", "max_rank", "stop_after", "adalora_init_rank"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UsageError(f"{flag(name)} must be positive, got {getattr(args, name)}")
     for name in ("orth_reg", "weight_decay"):
@@ -186,9 +205,11 @@ def validate(args, explicit=()):
         raise UsageError(f"--init-rank {args.init_rank} exceeds the smallest adapted dimension, --n-embd {args.n_embd}")
     n_matrices = args.n_layer * len(args.target_list)
     args.budget_total = args.budget or args.ref_rank * n_matrices
+    args.rank_step_k = args.rank_step or max(1, args.ref_rank // 2)
     if args.init_rank * n_matrices > args.budget_total:
         raise UsageError(f"budget {args.budget_total} is below the initial total rank {args.init_rank} x "
                          f"{n_matrices} matrices = {args.init_rank * n_matrices}")
+    check_adalora(args)
     validate_processes(args)
     # data files: read once here, so that a bad file costs nothing
     args.finetune_text = args.base_text = None
@@ -254,6 +275,25 @@ def validate_processes(args):
         args.dtype = "bf16" if cuda and torch.cuda.is_bf16_supported() else "float32"
 
 
+def check_adalora(args):
+    """AdaLoRA starts every matrix at --adalora-init-rank triplets and prunes to the budget by step
+    --iters - --final-warmup: both must leave room for that."""
+    n_matrices = args.n_layer * len(args.target_list)
+    args.adalora_rank = args.adalora_init_rank or max(1, (3 * args.ref_rank) // 2)
+    args.adalora_final = args.iters // 6 if args.final_warmup is None else args.final_warmup
+    if "adalora" not in args.schedules:
+        return
+    if args.adalora_rank > args.n_embd:
+        raise UsageError(f"--adalora-init-rank {args.adalora_rank} exceeds the smallest adapted dimension, "
+                         f"--n-embd {args.n_embd}")
+    if args.adalora_rank * n_matrices < args.budget_total:
+        raise UsageError(f"adalora starts with {args.adalora_rank} x {n_matrices} = {args.adalora_rank * n_matrices}"
+                         f" triplets, below the budget {args.budget_total}: it could only prune")
+    if args.warmup + args.adalora_final >= args.iters:
+        raise UsageError(f"--warmup {args.warmup} + --final-warmup {args.adalora_final} leave no pruning steps "
+                         f"in --iters {args.iters}")
+
+
 def check_resume(args):
     """With --resume: which runs are finished, interrupted or not begun; their settings must match."""
     args.status = {s: run_status(args, s) if args.resume else "new" for s in args.schedules}
@@ -283,14 +323,30 @@ def run_status(args, schedule):
 def check_same_settings(saved, args, path, schedule):
     keys = TRAJECTORY + (() if args.init_from else PRETRAIN_TRAJECTORY)
     keys += ADAPTER_TRAJECTORY if schedule != "full" else ()
-    keys += GROWTH_TRAJECTORY if schedule in triadapt.SCHEDULES else ()
+    keys += GROWTH_TRAJECTORY if schedule in GROWING else ()
+    keys += ADALORA_TRAJECTORY if schedule == "adalora" else ()
+    defaults = build_parser()
     for key in keys:
-        if saved.get(key) != getattr(args, key):
-            raise UsageError(f"checkpoint {path} was made with {flag(key)} {saved.get(key)}, not {getattr(args, key)}")
+        value = saved.get(key, defaults.get_default(key))  # a flag newer than the checkpoint had its default
+        if value != getattr(args, key):
+            raise UsageError(f"checkpoint {path} was made with {flag(key)} {value}, not {getattr(args, key)}")
+
+
+def run_name(args, schedule):
+    """The schedule, with the growth options that differ from TriAdaptLoRA's defaults: linear-diagonal,
+    linear-sensitivity-bw20-advance, ... (so variants share an --out-dir without mixing)."""
+    if schedule not in triadapt.SCHEDULES:
+        return schedule
+    parts = [schedule] + [v for v, default in ((args.core, "triangular"), (args.importance, "frobenius"))
+                          if v != default]
+    parts += [f"bw{args.block_warmup}"] if args.block_warmup else []
+    parts += ["advance"] if args.advance else []
+    return "-".join(parts)
 
 
 def run_dir(args, schedule):
-    return os.path.join(args.out_dir, schedule if args.task == "lm" else f"{args.task}-{schedule}")
+    name = run_name(args, schedule)
+    return os.path.join(args.out_dir, name if args.task == "lm" else f"{args.task}-{name}")
 
 
 def make_out_dir(args):

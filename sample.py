@@ -152,7 +152,8 @@ def model_from_adapter(adapter, base_ckpt, adapter_path="adapter"):
             missing, unexpected = model.load_state_dict(state, strict=False)
             if unexpected or any(not k.startswith("cls_head.") for k in missing):
                 raise ValueError(f"{len(missing)} missing and {len(unexpected)} unexpected keys in the base")
-            triadapt.load_adapter(model, adapter["layers"], adapter["alpha"], adapter["ref_rank"])
+            triadapt.load_adapter(model, adapter["layers"], adapter["alpha"], adapter["ref_rank"],
+                                  builders=train.ADAPTER_BUILDERS)
             if adapter["cls_head"] is not None:
                 model.cls_head.load_state_dict(adapter["cls_head"])
     except (ValueError, RuntimeError, KeyError) as e:

@@ -46,6 +46,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import baselines
 import data
 import options
 import plot
@@ -182,6 +183,11 @@ class Procs:
 
     def broadcast_norms(self, norms):
         """The allocator's sync: every process scores the norms that rank 0 measured."""
+        if all(torch.is_tensor(v) for v in norms.values()):  # AdaLoRA's per-triplet scores
+            flat = torch.cat([v.reshape(-1) for v in norms.values()]).double().cpu()
+            dist.broadcast(flat, src=0, group=self.ctrl)
+            parts = flat.split([v.numel() for v in norms.values()])
+            return {n: p.to(v.device, v.dtype).view_as(v) for (n, v), p in zip(norms.items(), parts)}
         values = torch.tensor([norms[n] for n in norms], dtype=torch.float64)
         dist.broadcast(values, src=0, group=self.ctrl)
         return dict(zip(norms, values.tolist()))
@@ -327,7 +333,7 @@ def restore(run, ckpt, path):
     run.optimizer.load_state_dict(ckpt["optimizer"])
     set_rng_state(ckpt["rng"], run.batch_gen)
     run.step, run.history, run.seconds = ckpt["step"], ckpt["history"], ckpt["seconds"]
-    run.extra = {k: ckpt[k] for k in run.extra}
+    run.extra = {k: ckpt.get(k, v) for k, v in run.extra.items()}
     run.last_good = path
 
 
@@ -381,11 +387,16 @@ def train_loop(run, args, procs):
                     objective.backward()
                 step_loss = step_loss + loss.detach().float() * share
             grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+            if run.allocator is not None and hasattr(run.allocator, "before_step"):
+                run.allocator.before_step(t)
             opt.step()
-            opt.zero_grad(set_to_none=True)
+            # the allocator may read this step's gradients (sensitivity), so it runs before zero_grad
             if run.allocator is not None and run.allocator.step(t, opt):
-                params = [p for p in model.parameters() if p.requires_grad]
-                step_fn = wrap(run, args, procs)
+                now = [p for p in model.parameters() if p.requires_grad]
+                if list(map(id, now)) != list(map(id, params)):  # grown (AdaLoRA's masking changes no tensor)
+                    params, step_fn = now, wrap(run, args, procs)
+                run.extra["max_held"] = max(run.extra.get("max_held", 0), count_held(model))
+            opt.zero_grad(set_to_none=True)
             run.step = t
             run.history.append({"step": t, "train_loss": None, "total_rank": sum(l.rank for l in run.layers.values())})
             pending.append(torch.stack([step_loss, grad_norm.float()]))
@@ -504,11 +515,50 @@ def build_finetune_model(args, schedule, base_ckpt, n_classes):
     if schedule == "lora":
         layers = triadapt.inject(model, args.target_list, layer_cls=triadapt.LoRALinear,
                                  rank=args.ref_rank, alpha=args.alpha)
+    elif schedule == "adalora":
+        layers = triadapt.inject(model, args.target_list, layer_cls=baselines.AdaLoRALinear,
+                                 rank=args.adalora_rank, alpha=args.alpha, ref_rank=args.ref_rank)
     elif schedule != "full":
-        layers = triadapt.inject(model, args.target_list, rank=args.init_rank, alpha=args.alpha, ref_rank=args.ref_rank)
+        g = growth_options(args, schedule)
+        layers = triadapt.inject(model, args.target_list, rank=args.init_rank, alpha=args.alpha,
+                                 ref_rank=args.ref_rank, core=g["core"], advance=g["advance"])
     if model.cls_head is not None:  # the head is new, so it trains in every schedule
         model.cls_head.requires_grad_(True)
     return model, layers
+
+
+def growth_options(args, schedule):
+    """How a growing schedule grows. increlora is TriAdaptLoRA's allocator with IncreLoRA's choices:
+    a diagonal core, sensitivity importance, the top --top-k matrices every round, a warmup for
+    every new block and advance learning."""
+    if schedule == "increlora":
+        return dict(schedule="topk", core="diagonal", importance="sensitivity", advance=args.rank_step_k,
+                    block_warmup=10 if args.block_warmup is None else args.block_warmup)
+    return dict(schedule=schedule, core=args.core, importance=args.importance,
+                advance=args.rank_step_k if args.advance else 0, block_warmup=args.block_warmup or 0)
+
+
+def make_allocator(args, procs, schedule, layers):
+    """The allocator of a schedule that changes ranks while it trains (None for lora and full)."""
+    sync = procs.broadcast_norms if procs.world > 1 else None
+    if schedule == "adalora":
+        return baselines.AdaLoRAAllocator(layers, total_steps=args.iters, target_total_rank=args.budget_total,
+                                          init_warmup=args.warmup, final_warmup=args.adalora_final,
+                                          interval=args.interval, sync=sync)
+    if schedule not in options.GROWING:
+        return None
+    g = growth_options(args, schedule)
+    return triadapt.RankAllocator(layers, total_steps=args.iters, target_total_rank=args.budget_total,
+                                  schedule=g["schedule"], warmup=args.warmup, interval=args.interval,
+                                  rank_step=args.rank_step, top_k=args.top_k, max_rank=args.max_rank, sync=sync,
+                                  importance=g["importance"], block_warmup=g["block_warmup"])
+
+
+def count_held(model):
+    """Trainable numbers held right now: as count_trainable, but an AdaLoRA layer holds all its triplets,
+    pruned or not (they train and may come back until the rank pattern is fixed)."""
+    extra = sum(m.n_held - m.n_trainable for m in model.modules() if hasattr(m, "n_held"))
+    return triadapt.count_trainable(model) + extra
 
 
 def finetune(args, procs, schedule, base_ckpt, task, n_classes=0):
@@ -522,15 +572,11 @@ def finetune(args, procs, schedule, base_ckpt, task, n_classes=0):
     model, layers = build_finetune_model(args, schedule, base_ckpt, n_classes)
     lr = args.lr or (3e-4 if schedule == "full" else 2e-3)
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], lr, args.weight_decay)
-    allocator = None
-    if schedule in triadapt.SCHEDULES:
-        allocator = triadapt.RankAllocator(layers, total_steps=args.iters, target_total_rank=args.budget_total,
-                                           schedule=schedule, warmup=args.warmup, interval=args.interval,
-                                           rank_step=args.rank_step, top_k=args.top_k, max_rank=args.max_rank,
-                                           sync=procs.broadcast_norms if procs.world > 1 else None)
-    run = Run(schedule, model, task, optimizer, lr, args.lr_warmup, args.iters, os.path.join(folder, "ckpt.pt"),
+    allocator = make_allocator(args, procs, schedule, layers)
+    name = options.run_name(args, schedule)
+    run = Run(name, model, task, optimizer, lr, args.lr_warmup, args.iters, os.path.join(folder, "ckpt.pt"),
               torch.Generator().manual_seed(args.seed), layers, allocator, args.orth_reg if allocator else 0.0,
-              extra={"schedule": schedule, "before": None})
+              extra={"schedule": schedule, "before": None, "max_held": count_held(model)})
     if args.status[schedule] == "resume":
         restore(run, load_checkpoint(run.ckpt_path), run.ckpt_path)
         if procs.master:
@@ -567,9 +613,10 @@ def linear_probe(args, procs, model, task, gen):
 def report(args, run, folder, base_ckpt):
     model, layers, task, before = run.model, run.layers, run.task, run.extra["before"]
     val, test = task.evaluate(model, "val"), task.evaluate(model, "test")
-    metrics = {"schedule": run.name, "val_loss_before": before["loss"], "val_loss": val["loss"],
-               "test_loss": test["loss"],
-               "trainable_params": triadapt.count_trainable(model), "peak_lr": run.peak_lr,
+    metrics = {"schedule": run.extra["schedule"], "run": run.name, "val_loss_before": before["loss"],
+               "val_loss": val["loss"], "test_loss": test["loss"],
+               "trainable_params": triadapt.count_trainable(model), "max_trainable_params": run.extra["max_held"],
+               "peak_lr": run.peak_lr,
                "rank_pattern": {n: l.rank for n, l in layers.items()},
                "total_rank": sum(l.rank for l in layers.values()),
                "block_sizes": {n: list(l.block_sizes) for n, l in layers.items() if hasattr(l, "block_sizes")},
@@ -598,6 +645,7 @@ def report(args, run, folder, base_ckpt):
 
 
 ADAPTER_FORMAT = "triadapt-adapter-1"  # the "format" entry of every adapter.pt
+ADAPTER_BUILDERS = {"adalora": baselines.load_adalora}  # layers of baselines.py, for triadapt.load_adapter
 
 
 def state_fingerprint(state):
@@ -616,9 +664,9 @@ def save_adapter(args, run, folder, base_ckpt):
     sizes, and a classifier's new head), the settings that rebuild it, and the path and fingerprint of
     the base it belongs to; sample.py loads it. Full fine-tuning trains every weight, so its "adapter"
     is the whole state_dict."""
-    model, full = run.model, run.name == "full"
+    model, full = run.model, run.extra["schedule"] == "full"
     head = model.cls_head.state_dict() if model.cls_head is not None and not full else None
-    adapter = {"format": ADAPTER_FORMAT, "schedule": run.name, "arch": args.arch, "task": args.task,
+    adapter = {"format": ADAPTER_FORMAT, "schedule": run.extra["schedule"], "run": run.name, "arch": args.arch, "task": args.task,
                "targets": list(args.target_list), "alpha": args.alpha, "ref_rank": args.ref_rank,
                "n_classes": model.config.n_classes, "model_config": asdict(model.config),
                "layers": triadapt.adapter_state(run.layers),  # {name: block_sizes (or rank) and factors}
@@ -666,7 +714,7 @@ def comparison_table(results):
     for m in results:
         acc = f" {m['val_acc']:>8.3f} {m['test_acc']:>8.3f}" if has_acc else ""
         rank = m["total_rank"] if m["rank_pattern"] else "-"
-        lines.append(f"{m['schedule']:<12} {m['val_loss_before']:>10.4f} {m['val_loss']:>10.4f} "
+        lines.append(f"{m.get('run', m['schedule']):<12} {m['val_loss_before']:>10.4f} {m['val_loss']:>10.4f} "
                      f"{m['test_loss']:>8.4f}{acc} {m['trainable_params']:>10,} {rank:>6} {m['seconds']:>8.1f}")
     return "\n".join(lines)
 
@@ -717,7 +765,7 @@ def main(argv=None):
     if len(results) > 1 and procs.master:
         print("\n" + comparison_table(results))
         path = run_dir(args, "comparison") + ".svg"  # named like the runs' folders: out/classify-comparison.svg
-        save_text(plot.comparison({m["schedule"]: [m] for m in results}), path)
+        save_text(plot.comparison({m.get("run", m["schedule"]): [m] for m in results}), path)
         print(f"picture: {path}")
     return 0
 

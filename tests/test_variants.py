@@ -165,3 +165,21 @@ def test_adapter_state_round_trips_the_variants():
         (loaded,) = triadapt.load_adapter(fresh, state, ref_rank=4).values()
         x = torch.randn(3, 8)
         assert torch.equal(loaded(x), layer(x)) and loaded.core_kind == layer.core_kind
+
+
+@pytest.mark.parametrize("core", ["triangular", "diagonal"])
+def test_every_factor_of_an_increlora_style_layer_trains_within_two_steps(core):
+    torch.manual_seed(0)
+    layer = TriAdaptLinear(linear(8, 6), rank=2, ref_rank=4, core=core, advance=2)
+    opt = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=1e-2)
+    x = torch.randn(16, 8)
+    got = {}
+    for _ in range(2):
+        opt.zero_grad()
+        layer(x).pow(2).sum().backward()
+        for n, p in layer.named_parameters(recurse=False):
+            masked = p.grad * (layer.L_mask if n == "L" else layer.U_mask if n == "U" else 1)
+            got[n] = got.get(n, False) or bool(masked.abs().sum() > 0)
+        opt.step()
+    expected = {"A", "B", "L", "A_next", "B_next"} | ({"U"} if core == "triangular" else set())
+    assert {n for n, g in got.items() if g} == expected
