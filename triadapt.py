@@ -164,21 +164,22 @@ class TriAdaptLinear(nn.Module):
         y = self.base(x)
         if self.merged:
             return y
-        if self.track_sensitivity and torch.is_grad_enabled():
-            # The sensitivity sum |dW * dL/ddW| needs dL/ddW itself, so dW is built and its gradient
-            # read by a hook (summed over micro-steps); this costs a d_out x d_in matmul per call.
-            dW = self.delta_weight()                                # (d_out, d_in)
-            dW.register_hook(lambda g, w=dW.detach(): self._observe(w, g))
-            return y + x @ dW.t()
         # ((x A^T) C^T) B^T s, with C and s applied to the small factors: C A costs r^2 d_in
         # once, where h C^T would cost r^2 per token, forward and backward; dW is never built.
         CA, B = self._factors()                    # (r, d_in), (d_out, r)
         h = x @ CA.t()                             # (..., r)
-        return y + h @ (self.scale * B).t()        # (..., d_out)
+        out = h @ (self.scale * B).t()             # (..., d_out)
+        if self.track_sensitivity and out.requires_grad:
+            # the sensitivity sum |dW * dL/ddW| needs dL/ddW = g^T x, which the hook builds from the
+            # gradient g of this output (one d_out x d_in matmul a call, like a frozen W's gradient)
+            out.register_hook(lambda g, x=x.detach(): self._observe(x, g))
+        return y + out
 
     @torch.no_grad()
-    def _observe(self, w, g):
-        self.sensitivity += (w.float() * g.float()).abs().sum() / math.sqrt(w.numel())
+    def _observe(self, x, g):
+        G = g.reshape(-1, g.shape[-1]).t().float() @ x.reshape(-1, x.shape[-1]).float()  # (d_out, d_in) dL/ddW
+        dW = self.delta_weight().float()                                                # (d_out, d_in)
+        self.sensitivity += (dW * G).abs().sum() / math.sqrt(dW.numel())  # summed over micro-steps
 
     @torch.no_grad()
     def grow(self, k):
@@ -597,7 +598,11 @@ class RankAllocator:
             self._young.append((layer, layer.rank - k, layer.rank, t, None))
 
     def _drop_spent_advance(self, optimizer=None):
-        """Advance blocks are dropped once no growth is left for them (budget spent, or at the cap)."""
+        """Advance blocks are dropped once no growth is left for them (budget spent, or at the cap), and
+        sensitivity is no longer measured once the budget is spent (it decides nothing any more)."""
+        if self.total_rank >= self.target_total_rank:
+            for layer in self.layers.values():
+                layer.track_sensitivity = False
         for name, layer in self.layers.items():
             spent = self.total_rank >= self.target_total_rank or layer.rank >= self.caps[name]
             if getattr(layer, "advance", 0) and spent:
