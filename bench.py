@@ -5,7 +5,7 @@ Measure TriAdaptLoRA side by side with its baselines, in one run, on this machin
     python bench.py speed --device cuda
     python bench.py quality               # 6 methods x 3 seeds on the default task (76 min on 2 shared cores)
     python bench.py quality --quick       # a smoke run of the same
-    python bench.py quality --task classify --methods linear,lora,full   # encoder accuracy
+    python bench.py quality --task cola --methods linear,lora,full,probe   # the small GLUE (cola, pairs, package)
     python bench.py gpu                   # the GPU check: short runs on cuda, then speed and memory (< 5 min)
 
 speed: on the default model shape and a wider one, the median time of one full training step
@@ -355,8 +355,8 @@ def quality(args):
     after an interrupt loses nothing but the steps since the last checkpoint."""
     common = ["--device", args.device, "--iters", str(args.iters), "--sample-len", "0",
               "--eval-interval", str(args.iters)]
-    if args.task == "classify":
-        common += ["--arch", "encoder", "--task", "classify"]
+    if args.task != "lm":
+        common += ["--arch", "encoder", "--task", args.task]
     if args.quick:
         common += ["--pretrain-iters", "100", "--warmup", "10", "--eval-iters", "5", "--iters", "60",
                    "--eval-interval", "60", "--probe-iters", "20"]
@@ -381,8 +381,9 @@ def quality(args):
     options.make_out_dir(base_args)
     base_splits, ft_splits, digest = train.cache_corpora(base_args, procs, *corpora)
     base = train.pretrain(base_args, procs, base_splits, digest)
-    classify = args.task == "classify"
+    classify = args.task != "lm"
     results = {"task": args.task, "machine": machine(), "methods": {},
+               "metric": data.GLUE_TASK_CLASSES[args.task].metric if classify else "loss",
                "base": None if classify else base_losses(base, ft_splits, base_args)}
     previous = os.path.join(args.out_dir, f"bench_quality_{args.task}.json")
     if os.path.exists(previous):  # a bench split over several commands: the others' methods stay in the tables
@@ -395,8 +396,8 @@ def quality(args):
             targs = parsed("--schedule", schedule, "--seed", str(args.first_seed + seed), *extra,
                            out_dir=os.path.join(args.out_dir, "bench", f"{label.replace(' ', '_')}-seed{seed}"))
             targs.status = {schedule: options.run_status(targs, schedule)}
-            task = (data.ClassifyTask if classify else data.LMTask)(ft_splits, targs)
-            n_classes = len(data.CLASS_PACKAGES) if classify else 0
+            task = (data.GLUE_TASK_CLASSES[args.task] if classify else data.LMTask)(ft_splits, targs)
+            n_classes = task.n_classes if classify else 0
             runs.append(train.finetune(targs, procs, schedule, base, task, n_classes=n_classes))
         results["methods"][label] = runs
 
@@ -460,19 +461,56 @@ def quality_table(results):
     return "\n".join(lines)
 
 
+def probe_runs(results):
+    """The head-only probe of each seed, as runs: every method's 'before' (the same for all methods of a
+    seed: the adapters start at dW = 0)."""
+    first = next(iter(results["methods"].values()))
+    return [{k.replace("_before", ""): v for k, v in m.items() if k.endswith("_before")} for m in first]
+
+
 def accuracy_table(results):
-    """Classification: accuracy before (head only, on the frozen encoder) and after, mean +- std."""
-    lines = [f"{'method':<14} {'val acc before':>14} {'val acc':>16} {'test acc':>16} {'trainable':>10} "
-             f"{'final rank':>10} {'seconds':>8}"]
-    for label, runs in results["methods"].items():
-        b = statistics.mean(m["val_acc_before"] for m in runs)
-        v, vs = mean_std([m["val_acc"] for m in runs])
-        t, ts = mean_std([m["test_acc"] for m in runs])
-        rank = f"{statistics.mean(m['total_rank'] for m in runs):.0f}" if runs[0]["rank_pattern"] else "-"
-        params = round(statistics.mean(m["trainable_params"] for m in runs))
-        secs = statistics.mean(m["seconds"] for m in runs)
-        lines.append(f"{label:<14} {b:>14.3f} {v:>8.3f} +- {vs:.3f} {t:>8.3f} +- {ts:.3f} {params:>10,} "
-                     f"{rank:>10} {secs:>8.1f}")
+    """An understanding task: the task's metric (and acc) on val and test, mean +- std, with the head-only
+    probe (the head trained alone on the frozen encoder) as the first row."""
+    metric = next(iter(results["methods"].values()))[0].get("metric", "acc")
+    lines = [f"{'method':<28} {'val ' + metric:>16} {'test ' + metric:>16} {'test acc':>16} {'trainable':>10} "
+             f"{'rank':>5} {'seconds':>8}"]
+    rows = {"probe (head only)": probe_runs(results), **results["methods"]}
+    for label, runs in rows.items():
+        v, vs = mean_std([m[f"val_{metric}"] for m in runs])
+        t, ts = mean_std([m[f"test_{metric}"] for m in runs])
+        a, as_ = mean_std([m["test_acc"] for m in runs])
+        probe = label.startswith("probe")
+        rank = f"{statistics.mean(m['total_rank'] for m in runs):.0f}" if not probe and runs[0]["rank_pattern"] else "-"
+        params = "-" if probe else f"{round(statistics.mean(m['trainable_params'] for m in runs)):,}"
+        secs = "-" if probe else f"{statistics.mean(m['seconds'] for m in runs):.1f}"
+        lines.append(f"{label:<28} {v:>8.3f} +- {vs:.3f} {t:>8.3f} +- {ts:.3f} {a:>8.3f} +- {as_:.3f} {params:>10} "
+                     f"{rank:>5} {secs:>8}")
+    return "\n".join(lines)
+
+
+def glue_table(out_dir):
+    """GLUE-style: methods as rows, every understanding task benched in out_dir as a column (its metric on
+    the test split, x 100, mean +- std over seeds) and their average."""
+    tasks = {}
+    for task in data.GLUE_TASKS:
+        path = os.path.join(out_dir, f"bench_quality_{task}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                tasks[task] = json.load(f)
+    if not tasks:
+        return ""
+    rows = {}
+    for task, results in tasks.items():
+        metric = next(iter(results["methods"].values()))[0].get("metric", "acc")
+        for label, runs in {"probe (head only)": probe_runs(results), **results["methods"]}.items():
+            rows.setdefault(label, {})[task] = mean_std([100 * m[f"test_{metric}"] for m in runs])
+    head = f"{'method':<28}" + "".join(f" {t + ' (' + tasks[t]['metric'] + ')':>16}" for t in tasks) + f" {'average':>8}"
+    lines = [head]
+    for label, cells in rows.items():
+        text = "".join(f" {f'{cells[t][0]:.1f} +- {cells[t][1]:.1f}':>16}" if t in cells else f" {'-':>16}"
+                       for t in tasks)
+        avg = f"{statistics.mean(c[0] for c in cells.values()):.1f}" if len(cells) == len(tasks) else "-"
+        lines.append(f"{label:<28}{text} {avg:>8}")
     return "\n".join(lines)
 
 
@@ -531,9 +569,10 @@ def main(argv=None):
     p.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
                    help="quality: one more method, e.g. 'linear-bw20=--schedule linear --block-warmup 20'; "
                         "select it with --methods NAME (repeat the flag for several)")
-    p.add_argument("--task", default="lm", choices=("lm", "classify"),
-                   help="quality: lm (GPT on the documentation, losses) "
-                        "or classify (encoder, package labels, accuracy)")
+    p.add_argument("--task", default="lm", choices=("lm",) + tuple(data.GLUE_TASKS),
+                   help="quality: lm (GPT on the documentation, losses) or an understanding task "
+                        "(encoder; the table then has the task's metric, and a GLUE-style table of every "
+                        "understanding task benched in --out-dir follows)")
     p.add_argument("--train-args", default="",
                    help="quality: extra train.py flags for every run, e.g. '--warmup 100 --interval 20'")
     args = p.parse_args(argv)
@@ -593,13 +632,15 @@ def run_bench(args):
     steps = args.iters if not args.quick else 60
     print(f"\nquality on the {args.task} task, {args.seeds} seeds, {steps} steps each; test split; "
           f"machine: {results['machine']}; {time.time() - t0:.0f} s in all")
-    print(accuracy_table(results) if args.task == "classify" else quality_table(results))
+    print(accuracy_table(results) if args.task != "lm" else quality_table(results))
     if "linear" in results["methods"]:
         print("\nlinear schedule, first seed: rank of every matrix after each allocation round")
         print(heat_map(results["methods"]["linear"][0]))
     path = os.path.join(args.out_dir, f"bench_quality_{args.task}.json")
     train.save_json(results, path)
     print(f"raw numbers: {path}")
+    if args.task != "lm":
+        print(f"\nthe understanding tasks benched in {args.out_dir} (test split, x 100):\n{glue_table(args.out_dir)}")
     picture = os.path.join(args.out_dir, f"bench_quality_{args.task}.svg")
     quality_picture(results, picture)
     print(f"picture: {picture}")

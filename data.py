@@ -12,19 +12,30 @@ Each corpus is split deterministically, in order, into train (90%), val (5%) and
 cached as uint8 memmaps <cache_dir>/<name>/{train,val,test}.bin beside a meta.json recording the
 sha256 of the text it was built from: a changed source rebuilds the cache.
 
-For the encoder: classification_splits() cuts fixed-length snippets of standard-library source,
-labelled by the package they come from, split by file so that no file is in two splits.
+For the encoder, a small GLUE cut from the standard library (GLUE_TASKS, glue_splits): cola, does this
+snippet of Python parse (real statements against the same kind after one token-level corruption; Matthews
+correlation, as CoLA); pairs, is this docstring this function's (the other docstrings come from the same
+file; accuracy and F1, as MRPC); package, which of 8 packages a snippet comes from (accuracy). All share
+one split of the files (stdlib_split_of): no file is in two splits, and the encoder pretrains on none of
+their val and test files (glue_holdout_files).
 
-The tasks at the end (LMTask, MLMTask, ClassifyTask) are what the training loop talks to: a batch
-drawn on the CPU, the number of targets in a slice of it (its weight in the batch's mean loss), the
-loss of a model on it, and an evaluation on a split.
+The tasks at the end (LMTask, MLMTask, ClassifyTask and its ColaTask and PairsTask) are what the training
+loop talks to: a batch drawn on the CPU, the number of targets in a slice of it (its weight in the batch's
+mean loss), the loss of a model on it, and an evaluation on a split.
 """
 import ast
+import collections
 import contextlib
+import functools
 import hashlib
+import io
 import json
+import math
 import os
 import sysconfig
+import textwrap
+import tokenize
+import warnings
 
 import numpy as np
 import torch
@@ -112,18 +123,18 @@ def read_corpora(args):
     """What a run trains on, read and checked before anything is written: (base, fine-tuning), where
     base is (text, source, cache name) and fine-tuning the same, or the classification splits.
     `args` needs arch, task, block_size, and the texts and paths of --base-data and --data (or None)."""
-    holdout = classification_holdout_files() if args.arch == "encoder" else ()
+    holdout = glue_holdout_files() if args.arch == "encoder" else ()  # one base for every task
     if args.base_text is not None:
         base = (args.base_text, args.base_data, "base-file")
     else:
         text, src = base_corpus(exclude=holdout)
         check_length(text, args.block_size, "the standard library's sources")
         base = (text, src, ("encoder-" if holdout else "") + "base")
-    if args.task == "classify":
-        splits = classification_splits(args.block_size)
+    if args.task in GLUE_TASKS:
+        splits = glue_splits(args.task, args.block_size)
         empty = [s for s, (x, _) in splits.items() if len(x) == 0]
         if empty:
-            raise DataError(f"--block-size {args.block_size} leaves no classification snippet in the {empty[0]} split")
+            raise DataError(f"--block-size {args.block_size} leaves no {args.task} example in the {empty[0]} split")
         return base, splits
     if args.finetune_text is not None:
         return base, (args.finetune_text, args.data, "finetune-file")
@@ -202,53 +213,80 @@ def mask_tokens(x, mask_id, rate=0.15, generator=None):
     return x, targets
 
 
-def classification_files():
-    """{package: sorted files} for the CLASS_PACKAGES, and each file's split, fixed by its sha256."""
+def fill_splits(paths, root):
+    """{path: split}: the files, ordered by a hash of their path relative to root, fill test with the
+    first tenth of their bytes (one file at least), val with the next tenth, and train with the rest."""
+    order = sorted(paths, key=lambda p: hashlib.sha256(os.path.relpath(p, root).encode()).hexdigest())
+    total = sum(os.path.getsize(p) for p in order)
+    filled, split_of = {"test": 0, "val": 0, "train": 0}, {}
+    for p in order:
+        split = next(s for s in ("test", "val", "train")
+                     if s == "train" or filled[s] == 0 or filled[s] < 0.1 * total)
+        split_of[p] = split
+        filled[split] += os.path.getsize(p)
+    return split_of
+
+
+def stdlib_split_of():
+    """The split of every standard-library file, one assignment shared by all the encoder's tasks: each
+    of the CLASS_PACKAGES is filled on its own (fill_splits), all the other files together."""
     root = sysconfig.get_paths()["stdlib"]
+    groups = {}
+    for p in stdlib_sources():
+        top = os.path.relpath(p, root).split(os.sep)[0]
+        groups.setdefault(top if top in CLASS_PACKAGES else "", []).append(p)
+    return {p: s for paths in groups.values() for p, s in fill_splits(paths, root).items()}
+
+
+def classification_files():
+    """{package: sorted files} for the CLASS_PACKAGES, and each file's split (stdlib_split_of)."""
+    root = sysconfig.get_paths()["stdlib"]
+    shared = stdlib_split_of()
     files = {pkg: [p for p in stdlib_sources() if os.path.relpath(p, root).split(os.sep)[0] == pkg]
              for pkg in CLASS_PACKAGES}
-    split_of = {}
     for pkg, paths in files.items():
         if len(paths) < 3:
             raise DataError(f"package {pkg} has {len(paths)} source files here; the task needs 3 to split by file")
-        # Order files by a hash of their path, then fill test with the first tenth of the bytes
-        # (one file at least), val with the next tenth, and train with the rest.
-        order = sorted(paths, key=lambda p: hashlib.sha256(os.path.relpath(p, root).encode()).hexdigest())
-        total = sum(os.path.getsize(p) for p in order)
-        filled = {"test": 0, "val": 0, "train": 0}
-        for p in order:
-            split = next(s for s in ("test", "val", "train")
-                         if s == "train" or filled[s] == 0 or filled[s] < 0.1 * total)
-            split_of[p] = split
-            filled[split] += os.path.getsize(p)
-        if filled["train"] == 0:
+        if all(shared[p] != "train" for p in paths):
             raise DataError(f"package {pkg}: no file left for the train split")
-    return files, split_of
+    return files, {p: shared[p] for paths in files.values() for p in paths}
 
 
-def classification_splits(block_size, max_per_class=None):
-    """{split: (x (N, block_size) int64, y (N,) int64)}: non-overlapping snippets, balanced across
-    labels by keeping, in each split, as many snippets per label as the smallest label has."""
+def package_picks(block_size, max_per_class=None):
+    """{split: [per label: (snippets (n, block_size) uint8, file of each, byte offset of each)]}: the
+    files' non-overlapping snippets, as many per label as the smallest label has in that split."""
     files, split_of = classification_files()
     out = {}
     for split in SPLITS:
         per_label = []
-        for label, pkg in enumerate(CLASS_PACKAGES):
-            chunks = []
+        for pkg in CLASS_PACKAGES:
+            chunks, where = [], []
             for p in files[pkg]:
                 if split_of[p] != split:
                     continue
                 data = np.frombuffer(open(p, "rb").read(), dtype=np.uint8)
                 n = len(data) // block_size
                 chunks.append(data[:n * block_size].reshape(n, block_size))
-            per_label.append(np.concatenate(chunks) if chunks else np.zeros((0, block_size), np.uint8))
-        n = min(len(c) for c in per_label)
+                where += [(p, i * block_size) for i in range(n)]
+            chunks = np.concatenate(chunks) if chunks else np.zeros((0, block_size), np.uint8)  # (n, T)
+            per_label.append((chunks, where))
+        n = min(len(c) for c, _ in per_label)
         if max_per_class and split == "train":
             n = min(n, max_per_class)
         # spread the kept snippets over each label's files rather than taking the first files only
-        picks = [c[np.linspace(0, len(c) - 1, n).astype(int)] if n else c[:0] for c in per_label]
-        x = torch.from_numpy(np.concatenate(picks).astype(np.int64))
-        y = torch.arange(len(CLASS_PACKAGES)).repeat_interleave(n)
+        picks = [np.linspace(0, len(c) - 1, n).astype(int) if n else np.zeros(0, int) for c, _ in per_label]
+        out[split] = [(c[ix], [where[i][0] for i in ix], [where[i][1] for i in ix])
+                      for (c, where), ix in zip(per_label, picks)]
+    return out
+
+
+def classification_splits(block_size, max_per_class=None):
+    """{split: (x (N, block_size) int64, y (N,) int64)}: non-overlapping snippets, balanced across
+    labels by keeping, in each split, as many snippets per label as the smallest label has."""
+    out = {}
+    for split, per_label in package_picks(block_size, max_per_class).items():
+        x = torch.from_numpy(np.concatenate([c for c, _, _ in per_label]).astype(np.int64))  # (N, T)
+        y = torch.arange(len(CLASS_PACKAGES)).repeat_interleave(len(per_label[0][0]))  # (N,)
         out[split] = (x, y)
     return out
 
@@ -257,6 +295,325 @@ def classification_holdout_files():
     """The val and test files of the classification task: the encoder must not pretrain on them."""
     _, split_of = classification_files()
     return sorted(p for p, s in split_of.items() if s != "train")
+
+
+# ----------------------------------------------------------------------------- understanding tasks
+
+GLUE_TASKS = {  # name -> what the encoder is asked: a small GLUE, cut from the standard library
+    "cola": "acceptability (as CoLA): does this snippet of Python parse? metric: Matthews correlation",
+    "pairs": "pair matching (as MRPC, QNLI): is this docstring this function's? metrics: accuracy, F1",
+    "package": "which of 8 standard-library packages is this snippet from? metric: accuracy",
+}
+PAD = 32        # rows are right-padded with spaces: a common byte, and trailing spaces never change a parse
+QUOTA = {"train": 4000, "val": 1000, "test": 1000}  # examples per split at most, as many of each label
+PER_FILE = 40   # examples drawn from one file at most: no file dominates a split
+Example = collections.namedtuple("Example", "text label file line note")
+Example.__doc__ = """One example, as text before clipping and padding. line: where in file the snippet
+(cola, package) or the function (pairs) starts. note: cola, the corruption of a negative ("" for a
+positive); pairs, the line of the function whose docstring is shown (== line for a positive)."""
+
+
+def fits(text, block_size):
+    """text clipped to block_size bytes of UTF-8 at most (a character cut in two is dropped)."""
+    return text.encode("utf-8")[:block_size].decode("utf-8", errors="ignore")
+
+
+def parses(text):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # invalid escapes and the like only warn: errors count here
+        try:
+            ast.parse(text)
+            return True
+        except (SyntaxError, ValueError):
+            return False
+
+
+def file_order(split):
+    """[(path, seed)] of a split's files, ordered by the sha256 of their relative path, which also seeds
+    each file's draws: examples are drawn file by file, the same way every time and on every machine."""
+    root = sysconfig.get_paths()["stdlib"]
+    digests = {p: hashlib.sha256(os.path.relpath(p, root).encode()).hexdigest()
+               for p, s in stdlib_split_of().items() if s == split}
+    return [(p, int(digests[p][:16], 16)) for p in sorted(digests, key=digests.get)]
+
+
+@functools.lru_cache(maxsize=None)
+def outline(path):
+    """(lines, statements, functions) of one source file, from its one ast.parse (kept: the tasks share
+    it). A statement is (first line, last line, column, its bodies of statements); a function, one whose
+    docstring has lines of its own and code after it, is (def line, last line, the docstring's first and
+    last lines, column, the docstring's first paragraph on one line)."""
+    try:
+        src = open(path, "rb").read().decode("utf-8")
+        tree = ast.parse(src)
+    except (SyntaxError, ValueError):
+        return (), (), ()
+    lines, functions = tuple(src.replace("\r\n", "\n").replace("\r", "\n").split("\n")), []
+
+    def statement(node):
+        subs = [getattr(node, f, None) or [] for f in ("body", "orelse", "finalbody")]
+        subs += [h.body for h in getattr(node, "handlers", [])]  # try: except
+        subs += [c.body for c in getattr(node, "cases", [])]  # match: case
+        doc = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and ast.get_docstring(node)
+        if doc and len(node.body) > 1:
+            d = node.body[0]
+            alone = (not lines[d.lineno - 1][:d.col_offset].strip()
+                     and not lines[d.end_lineno - 1].encode()[d.end_col_offset:].strip())
+            summary = " ".join(doc.strip().split("\n\n")[0].split())
+            if alone and len(summary) >= 10:
+                functions.append((node.lineno, node.end_lineno, d.lineno, d.end_lineno, node.col_offset,
+                                  summary))
+        bodies = tuple(tuple(map(statement, s)) for s in subs if s)
+        return node.lineno, node.end_lineno, node.col_offset, bodies
+
+    return lines, tuple(map(statement, tree.body)), tuple(functions)
+
+
+# --- cola: real statements, against the same kind of statements after one token-level corruption
+
+def snippet(lines, first, last):
+    """Whole lines first..last (from 1), dedented, without trailing whitespace."""
+    return textwrap.dedent("\n".join(lines[first - 1:last])).rstrip()
+
+
+def tokens(text):
+    """[(start, end, string, touchable)] of text's tokens, offsets in characters, or None if it does not
+    tokenize. Touchable: a name, number, operator or string that neither is nor holds a bracket, so that
+    a corruption leaves every bracket count as it was."""
+    starts, at = [], 0
+    for line in text.split("\n"):
+        starts.append(at)
+        at += len(line) + 1
+    skip = {tokenize.ENCODING, tokenize.NEWLINE, tokenize.NL, tokenize.INDENT, tokenize.DEDENT,
+            tokenize.COMMENT, tokenize.ENDMARKER}
+    plain = {tokenize.NAME, tokenize.NUMBER, tokenize.OP, tokenize.STRING}
+    out = []
+    try:
+        for t in tokenize.generate_tokens(io.StringIO(text).readline):
+            if t.type not in skip:
+                touchable = t.type in plain and not set(t.string) & set("()[]{}")
+                start, end = starts[t.start[0] - 1] + t.start[1], starts[t.end[0] - 1] + t.end[1]
+                out.append((start, end, t.string, touchable))
+    except (tokenize.TokenError, SyntaxError):
+        return None
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def separator(tok):
+    """What goes between a token and its copy: nothing, unless the two would read as one token."""
+    toks = tokens(tok + tok)
+    return "" if toks is not None and [t[2] for t in toks] == [tok, tok] else " "
+
+
+def corrupt(text, rng, block_size, tries=10):
+    """(corrupted text, what was done) or None: one touchable token, never the first or the last one,
+    deleted, duplicated or swapped with the next, such that the text still fits, tokenizes as exactly that
+    edit of its tokens (no two read as one, as "a.b" -> "ab."), and ast.parse fails."""
+    toks = tokens(text)
+    inner = [i for i in range(1, len(toks) - 1) if toks[i][3]] if toks else []
+    for _ in range(tries if len(inner) >= 2 else 0):
+        op, i = ("delete", "duplicate", "swap")[rng.integers(3)], inner[rng.integers(len(inner))]
+        s, e, tok, _ = toks[i]
+        strings = [t[2] for t in toks]
+        if op == "delete":  # and one space less where two would meet, or at either end of a line
+            before, after = text[:s], text[e:]
+            if after.startswith(" ") and (before == "" or before[-1] in " \n"):
+                after = after[1:]
+            elif (after == "" or after[0] == "\n") and before.endswith(" "):
+                before = before.rstrip(" ")
+            new, strings[i:i + 1] = before + after, []
+        elif op == "duplicate":
+            new, strings[i:i] = text[:e] + separator(tok) + tok + text[e:], [tok]
+        else:
+            if i + 1 not in inner or toks[i + 1][2] == tok:
+                continue
+            s2, e2, tok2, _ = toks[i + 1]
+            new, strings[i:i + 2] = text[:s] + tok2 + text[e:s2] + tok + text[e2:], [tok2, tok]
+        if len(new.encode()) > block_size or parses(new):
+            continue
+        again = tokens(new)
+        if again is not None and [t[2] for t in again] == strings:
+            return new, f"{op} {tok!r}"
+    return None
+
+
+def cola_windows(lines, stmts, rng, block_size):
+    """[(first line, last line)]: non-overlapping windows of 1-3 consecutive statements of a body (drawn
+    at random), from min(16, block_size // 2) to block_size bytes once dedented by their column; inside a
+    statement too long for every window, its bodies are searched. Only sizes are looked at here."""
+    shortest, out = min(16, block_size // 2), []
+
+    def size(first, last, col):
+        return sum(len(lines[n - 1].rstrip()) - col + 1 for n in range(first, last + 1))
+
+    def visit(body):
+        i = 0
+        while i < len(body):
+            for w in range(min(int(rng.integers(1, 4)), len(body) - i), 0, -1):
+                if shortest <= size(body[i][0], body[i + w - 1][1], body[i][2]) <= block_size + 1:
+                    out.append((body[i][0], body[i + w - 1][1]))
+                    i += w
+                    break
+            else:
+                for sub in body[i][3]:
+                    visit(sub)
+                i += 1
+
+    visit(stmts)
+    return out
+
+
+def cola_pair(lines, window, rng, block_size):
+    """(text, (corrupted text, what was done)) of a window, or None unless its text fits, parses, and
+    has a corruption: the two labels are drawn from the same windows."""
+    text = snippet(lines, *window)
+    if not min(16, block_size // 2) <= len(text.encode()) <= block_size or not parses(text):
+        return None
+    bad = corrupt(text, rng, block_size)
+    return (text, bad) if bad else None
+
+
+def cola_split(split, block_size, quota):
+    """quota // 2 pairs (positive, negative) of the same length in bytes, so that length tells nothing.
+    Windows are drawn file by file (PER_FILE at most); each is kept whole (a positive) or corrupted (a
+    negative), whichever completes a pair with one waiting, else either at random."""
+    waiting, pairs = ({}, {}), []  # by length: the negatives, the positives without a partner yet
+    for path, seed in file_order(split):
+        lines, stmts, _ = outline(path)
+        rng = np.random.default_rng([seed, block_size])
+        windows, drawn = cola_windows(lines, stmts, rng, block_size), 0
+        for i in rng.permutation(len(windows)):
+            if drawn == PER_FILE or len(pairs) == quota // 2:
+                break
+            made = cola_pair(lines, windows[i], rng, block_size)
+            if made is None:
+                continue
+            (text, (bad, note)), line, drawn = made, windows[i][0], drawn + 1
+            good, wrong = Example(text, 1, path, line, ""), Example(bad, 0, path, line, note)
+            a, b = len(text.encode()), len(bad.encode())
+            if waiting[0].get(a):
+                pairs.append((good, waiting[0][a].pop()))
+            elif waiting[1].get(b):
+                pairs.append((waiting[1][b].pop(), wrong))
+            elif rng.random() < 0.5:
+                waiting[0].setdefault(b, []).append(wrong)
+            else:
+                waiting[1].setdefault(a, []).append(good)
+        if len(pairs) == quota // 2:
+            break
+    return [e for pair in pairs for e in pair]  # positive, negative, positive, ...
+
+
+# --- pairs: a function's code under its own docstring, or under another one from the same file
+
+def pair_text(summary, lines, function, block_size):
+    """'# <summary>\\n<code>' clipped to block_size bytes: the docstring's first paragraph as a comment
+    (half the block at most), then the function's code from its def line on, without its docstring and
+    without blank lines."""
+    first, last, doc_first, doc_last, col, _ = function
+    code, size = [], 0
+    for n in range(first, last + 1):
+        line = lines[n - 1]
+        if size > block_size:  # enough to fill the block
+            break
+        if not doc_first <= n <= doc_last and line.strip():
+            code.append(line[col:] if not line[:col].strip() else line.lstrip())
+            size += len(code[-1]) + 1
+    return fits(fits("# " + summary, block_size // 2) + "\n" + "\n".join(code), block_size)
+
+
+def pairs_split(split, block_size, quota):
+    """Per file, its documented functions (one per summary) in a random order, PER_FILE // 2 at most, each
+    twice: under its own docstring (1), and under the docstring of the next one in that order, the last
+    under the first's (0). So each docstring and each function's code are shown once with either label,
+    and a docstring and code shown together come from the same file."""
+    out = []
+    for path, seed in file_order(split):
+        lines, _, functions = outline(path)
+        functions = list({f[-1]: f for f in functions}.values())
+        order = np.random.default_rng(seed).permutation(len(functions))
+        functions = [functions[i] for i in order[:min(PER_FILE, quota - len(out)) // 2]]
+        if len(functions) < 2:
+            continue
+        for j, f in enumerate(functions):
+            doc = functions[(j + 1) % len(functions)]
+            out.append(Example(pair_text(f[-1], lines, f, block_size), 1, path, f[0], f[0]))
+            out.append(Example(pair_text(doc[-1], lines, f, block_size), 0, path, f[0], doc[0]))
+        if quota - len(out) < 4:
+            break
+    return out
+
+
+def package_examples(block_size, max_per_class=None):
+    """package_picks as Examples (for their files; their text is decoded for reading only)."""
+    out = {}
+    for split, per_label in package_picks(block_size, max_per_class).items():
+        out[split] = []
+        for label, (chunks, paths, offsets) in enumerate(per_label):
+            for c, p, o in zip(chunks, paths, offsets):
+                line = open(p, "rb").read(o).count(b"\n") + 1
+                out[split].append(Example(decode(c), label, p, line, ""))
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def glue_examples(task, block_size, max_train=None):
+    """{split: tuple of Example} of a task in GLUE_TASKS, the same at every call. Every split draws on
+    its own files (stdlib_split_of), holds as many examples of each label, and QUOTA of them at most;
+    max_train, when given, replaces the train quota (package: max_train // 8 per label, else all)."""
+    if task not in GLUE_TASKS:
+        raise DataError(f"unknown task {task!r}; the tasks are {', '.join(GLUE_TASKS)}")
+    if task == "package":
+        per_class = max_train // len(CLASS_PACKAGES) if max_train else None
+        return {s: tuple(e) for s, e in package_examples(block_size, per_class).items()}
+    if block_size < 32:
+        raise DataError(f"task {task} needs a --block-size of 32 at least, not {block_size}")
+    build = cola_split if task == "cola" else pairs_split
+    quota = dict(QUOTA, train=max_train or QUOTA["train"])
+    return {s: tuple(build(s, block_size, quota[s])) for s in SPLITS}
+
+
+def glue_splits(task, block_size, max_train=None):
+    """{split: (x (N, block_size) int64, y (N,) int64)} of a task: glue_examples as UTF-8 bytes, clipped
+    to block_size and right-padded with PAD; package gives classification_splits, the files' own bytes."""
+    if task == "package":
+        per_class = max_train // len(CLASS_PACKAGES) if max_train else None
+        return classification_splits(block_size, per_class)
+    out = {}
+    for split, examples in glue_examples(task, block_size, max_train).items():
+        rows = b"".join(e.text.encode()[:block_size].ljust(block_size, bytes([PAD])) for e in examples)
+        x = np.frombuffer(rows, dtype=np.uint8).reshape(-1, block_size)  # (N, T)
+        y = torch.tensor([e.label for e in examples], dtype=torch.int64)  # (N,)
+        out[split] = (torch.from_numpy(x.astype(np.int64)), y)  # (N, T), (N,)
+    return out
+
+
+def glue_holdout_files():
+    """Every file in the val or test split of a task (they share stdlib_split_of): the encoder must not
+    pretrain on them. A superset of classification_holdout_files()."""
+    return sorted(p for p, s in stdlib_split_of().items() if s != "train")
+
+
+def counts(pred, y):
+    """(tp, fp, tn, fn) of binary predictions against labels; 1 is the positive class."""
+    pred, y = torch.as_tensor(pred).long(), torch.as_tensor(y).long()
+    tp, fp = int(((pred == 1) & (y == 1)).sum()), int(((pred == 1) & (y == 0)).sum())
+    tn, fn = int(((pred == 0) & (y == 0)).sum()), int(((pred == 0) & (y == 1)).sum())
+    return tp, fp, tn, fn
+
+
+def mcc(pred, y):
+    """Matthews correlation: (tp tn - fp fn) / sqrt((tp+fp)(tp+fn)(tn+fp)(tn+fn)), 0 when a factor is 0."""
+    tp, fp, tn, fn = counts(pred, y)
+    den = (tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)
+    return (tp * tn - fp * fn) / math.sqrt(den) if den else 0.0
+
+
+def f1(pred, y):
+    """F1 of the positive class: 2 tp / (2 tp + fp + fn), 0 when there is nothing to count."""
+    tp, fp, _, fn = counts(pred, y)
+    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -311,7 +668,9 @@ class MLMTask(LMTask):
 
 
 class ClassifyTask:
-    """Snippets of standard-library source labelled by package; accuracy over the whole split."""
+    """Labelled snippets (the package task, and the base of the others); the loss and the accuracy over
+    the whole split, and the task's own metrics (`extra`). `metric` names the one a table reports."""
+    metric, n_classes, extra = "acc", len(CLASS_PACKAGES), ()
 
     def __init__(self, splits, args):
         self.splits, self.args = splits, args
@@ -332,12 +691,30 @@ class ClassifyTask:
         model.eval()
         x, y = self.splits[split]
         device = self.args.device_name
-        loss, correct = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)
+        loss, preds = torch.zeros((), device=device), []
         for i in range(0, len(x), 256):
             xb, yb = to_device(x[i:i + 256], device), to_device(y[i:i + 256], device)
             with amp(device, self.args.dtype):
                 logits, l = model.classify(xb, yb)
             loss += l.float() * len(xb)
-            correct += (logits.argmax(-1) == yb).sum()
+            preds.append(logits.argmax(-1))  # (b,)
         model.train()
-        return {"loss": loss.item() / len(x), "acc": correct.item() / len(x)}
+        pred = torch.cat(preds).cpu()  # (N,); with the loss, the evaluation's host syncs
+        out = {"loss": loss.item() / len(x), "acc": (pred == y).float().mean().item()}
+        return out | {name: METRICS[name](pred, y) for name in self.extra}
+
+
+class ColaTask(ClassifyTask):
+    """Does the snippet parse? Matthews correlation first, as CoLA."""
+    metric, n_classes, extra = "mcc", 2, ("mcc",)
+
+
+class PairsTask(ClassifyTask):
+    """Is the docstring this function's? Accuracy first, and F1 of the matches, as MRPC."""
+    metric, n_classes, extra = "acc", 2, ("f1",)
+
+
+METRICS = {"mcc": mcc, "f1": f1}
+TASK_LABELS = {"cola": ("does not parse", "parses"), "pairs": ("another function's", "its own docstring"),
+               "package": CLASS_PACKAGES}
+GLUE_TASK_CLASSES = {"cola": ColaTask, "pairs": PairsTask, "package": ClassifyTask}  # the task objects

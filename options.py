@@ -20,6 +20,7 @@ import triadapt
 from model import GPT, GPTConfig
 
 SCHEDULES = ("linear", "exponential", "topk", "lora", "adalora", "increlora", "full")
+TASKS = ("lm",) + tuple(data.GLUE_TASKS) + ("classify",)  # classify: the old name of package, refused below
 GROWING = triadapt.SCHEDULES + ("increlora",)  # the schedules RankAllocator drives
 TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out")
 # Flags that change what a run computes: --resume refuses a checkpoint made with other values.
@@ -47,9 +48,9 @@ def build_parser():
     p.add_argument("--arch", default="gpt", choices=("gpt", "encoder"),
                    help="gpt: causal decoder pretrained on next-byte prediction; "
                         "encoder: bidirectional, pretrained with 15%% masked bytes")
-    p.add_argument("--task", default="lm", choices=("lm", "classify"),
-                   help="lm: fine-tune on the documentation text; "
-                        "classify: label source snippets by package (needs --arch encoder)")
+    p.add_argument("--task", default="lm", choices=TASKS, metavar="{" + ",".join(TASKS) + "}",
+                   help="lm: fine-tune on the documentation text; the understanding tasks (need --arch encoder): "
+                        + "; ".join(f"{k}: {v}" for k, v in data.GLUE_TASKS.items()))
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto picks cuda when available")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bf16"),
@@ -127,7 +128,8 @@ def build_parser():
     p.add_argument("--targets", default=",".join(TARGETS),
                    help=f"comma-separated linears to adapt, from {', '.join(TARGETS)}")
     p.add_argument("--probe-iters", type=int, default=200,
-                   help="classify: steps training the head alone before fine-tuning (its accuracy is 'before')")
+                   help="understanding tasks: steps training the head alone before fine-tuning "
+                        "(its metrics are 'before')")
     p.add_argument("--sample-len", type=int, default=200,
                    help="bytes of text to sample at the end of an lm run")
     p.add_argument("--stop-after", type=int, default=None,
@@ -199,8 +201,11 @@ def validate(args, explicit=()):
         raise UsageError(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
     if args.warmup >= args.iters:
         raise UsageError(f"--warmup {args.warmup} must be below --iters {args.iters}: no allocation round could happen")
-    if args.task == "classify" and args.arch != "encoder":
-        raise UsageError("--task classify needs --arch encoder")
+    if args.task == "classify":
+        raise UsageError("--task classify is now --task package, one of the understanding tasks "
+                         f"{', '.join(data.GLUE_TASKS)}")
+    if args.task in data.GLUE_TASKS and args.arch != "encoder":
+        raise UsageError(f"--task {args.task} needs --arch encoder")
     if args.init_rank > args.n_embd:
         raise UsageError(f"--init-rank {args.init_rank} exceeds the smallest adapted dimension, --n-embd {args.n_embd}")
     n_matrices = args.n_layer * len(args.target_list)

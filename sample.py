@@ -6,8 +6,9 @@ Use what a fine-tuning run trained: sample text, classify snippets, or export a 
     python sample.py --run out/linear --prompt FILE:prompt.txt    # the prompt from a file
     python sample.py --run out/linear --export merged.pt          # dW folded into W: a plain checkpoint
     python sample.py --merged merged.pt --prompt "The "           # sample from that file alone
-    python sample.py --run out/classify-linear --text "import asyncio"   # label and probabilities
-    python sample.py --run out/classify-linear --file snippet.py
+    python sample.py --run out/package-linear --text "import asyncio"   # label and probabilities
+    python sample.py --run out/cola-linear --text "x = (1,"              # does it parse?
+    python sample.py --run out/package-linear --file snippet.py
 
 A finished run's folder holds adapter.pt (train.py writes it): only what the run trained, the
 factors A, B (and L, U with their block sizes) of every adapted matrix and, for a classifier, its
@@ -49,7 +50,7 @@ def build_parser():
     p = argparse.ArgumentParser(description="Sample from, classify with, or export a fine-tuned run.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--run", default=None,
-                   help="a run folder holding adapter.pt (out/<schedule>, out/classify-<schedule>)")
+                   help="a run folder holding adapter.pt (out/<schedule>, out/<task>-<schedule>)")
     p.add_argument("--base", default=None, help="the base checkpoint to put the adapter on, instead of the path "
                    "recorded in adapter.pt; it must be the base the run trained on")
     p.add_argument("--merged", default=None,
@@ -224,10 +225,9 @@ def class_probabilities(model, ids, device="cpu"):
     return F.softmax(logits[0].double(), dim=-1).cpu()
 
 
-def labels(n_classes):
-    if n_classes == len(data.CLASS_PACKAGES):
-        return list(data.CLASS_PACKAGES)
-    return [f"class {i}" for i in range(n_classes)]
+def labels(task, n_classes):
+    names = data.TASK_LABELS.get(task, ())
+    return list(names) if len(names) == n_classes else [f"class {i}" for i in range(n_classes)]
 
 
 def run(args):
@@ -246,15 +246,18 @@ def run(args):
             raise UsageError(f"{source} is a classifier: give the snippet to classify with --text or --file")
         ids = read_input(args.text, "snippet") if args.file is None else list(data.read_text_file(args.file))
         check_fits(ids, model, "snippet")
+        task = adapter.get("task") if adapter else None
+        if task in ("cola", "pairs"):  # trained on rows padded to the block: pooling must see the same
+            ids = ids + [data.PAD] * (config.block_size - len(ids))
         probs = class_probabilities(model, ids, args.device_name)
-        names = labels(config.n_classes)
+        names = labels(task, config.n_classes)
         print(f"predicted: {names[int(probs.argmax())]}")
         for i in sorted(range(len(names)), key=lambda i: -probs[i]):
             print(f"  {names[i]:<16} {probs[i]:.4f}")
         return
     if config.bidirectional:
         raise UsageError(f"{source} is a masked-byte encoder without a classifier: it has nothing to sample "
-                         f"(sample from a --arch gpt run, classify with a --task classify run)")
+                         f"(sample from a --arch gpt run, classify with a --task cola, pairs or package run)")
     if args.text is not None or args.file is not None:
         raise UsageError(f"{source} is a language model: give --prompt, not --text or --file")
     prompt = read_input(args.prompt, "prompt")

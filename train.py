@@ -4,7 +4,7 @@ Pretrain a small transformer, then fine-tune it through growing triangular adapt
     python train.py                                    # CPU-sized defaults, a few minutes on 2 cores
     python train.py --schedule linear --device cuda    # the same run on a GPU
     python train.py --schedule linear,lora,full --iters 200   # several methods, one comparison table
-    python train.py --arch encoder --task classify     # BERT-style encoder, sequence classification
+    python train.py --arch encoder --task cola         # BERT-style encoder: cola, pairs or package
     torchrun --standalone --nproc_per_node=2 train.py  # the same run on 2 processes (DDP)
 
 The flow: (1) read, check and cache the two corpora (data.py); (2) pretrain a base model on the
@@ -440,7 +440,7 @@ def cache_corpora(args, procs, base, finetune):
     for turn in ("master", "others"):
         if procs.master == (turn == "master"):
             base_splits = data.build_cache(base[2], base[0], base[1], cache)
-            if args.task == "classify":
+            if args.task in data.GLUE_TASKS:
                 ft_splits = finetune
             else:
                 ft_splits = data.build_cache(finetune[2], finetune[0], finetune[1], cache)
@@ -587,7 +587,7 @@ def finetune(args, procs, schedule, base_ckpt, task, n_classes=0):
         run.extra["before"] = task.evaluate(model, "val") if procs.master else None
     if procs.master:
         print(f"[{schedule}] {triadapt.count_trainable(model):,} trainable parameters; val before: "
-              + ", ".join(f"{k} {v:.4f}" for k, v in run.extra["before"].items()))
+              + ", ".join(f"{k} {v:.4f}" for k, v in run.extra["before"].items() if not k.startswith("test_")))
     train_loop(run, args, procs)
     check_in_sync(model, procs, f"[{schedule}] end")
     return report(args, run, folder, base_ckpt) if procs.master else None
@@ -607,7 +607,10 @@ def linear_probe(args, procs, model, task, gen):
         loss.backward()
         head.step()
         head.zero_grad(set_to_none=True)
-    return task.evaluate(model, "val") if procs.master else None
+    if not procs.master:
+        return None
+    test = task.evaluate(model, "test")  # the probe is a row of the benchmark's tables: its test split too
+    return {**task.evaluate(model, "val"), **{f"test_{k}": v for k, v in test.items()}}
 
 
 def report(args, run, folder, base_ckpt):
@@ -622,13 +625,17 @@ def report(args, run, folder, base_ckpt):
                "block_sizes": {n: list(l.block_sizes) for n, l in layers.items() if hasattr(l, "block_sizes")},
                "growth_events": run.allocator.events if run.allocator else [], "seconds": run.seconds,
                "world_size": args.world, "config": public_args(args), "history": run.history}
-    if "acc" in val:
-        metrics.update(val_acc_before=before["acc"], val_acc=val["acc"], test_acc=test["acc"])
+    for key in [k for k in val if k != "loss"]:  # acc, and the task's own metric (mcc, f1)
+        metrics.update({f"val_{key}_before": before[key], f"val_{key}": val[key], f"test_{key}": test[key]})
+        if f"test_{key}" in before:
+            metrics[f"test_{key}_before"] = before[f"test_{key}"]
+    if hasattr(task, "metric"):
+        metrics["metric"] = task.metric
     adapter_path = save_adapter(args, run, folder, base_ckpt)  # before metrics.json, which marks the run done
     save_json(metrics, os.path.join(folder, "metrics.json"))
     save_text(plot.run_report(metrics, folder), os.path.join(folder, "report.svg"))  # drawn from metrics.json alone
     print(f"\n[{run.name}] val loss {before['loss']:.4f} -> {val['loss']:.4f} (test {test['loss']:.4f})"
-          + (f", val acc {before['acc']:.3f} -> {val['acc']:.3f} (test {test['acc']:.3f})" if "acc" in val else "")
+          + "".join(f", val {k} {before[k]:.3f} -> {val[k]:.3f} (test {test[k]:.3f})" for k in val if k != "loss")
           + f"; {metrics['trainable_params']:,} trainable parameters; {run.seconds:.1f} s")
     if layers:
         print(f"final ranks (total {metrics['total_rank']}):\n{rank_table(layers)}")
@@ -706,16 +713,19 @@ def rank_table(layers):
 
 
 def comparison_table(results):
-    has_acc = any("val_acc" in m for m in results)
-    head = (f"{'schedule':<12} {'val before':>10} {'val after':>10} {'test':>8}"
-            + (f" {'val acc':>8} {'test acc':>8}" if has_acc else "")
+    """One row per run: losses, the task's metric (acc, and mcc or f1) before and after, parameters."""
+    metric = results[0].get("metric")
+    keys = ["acc"] + ([metric] if metric and metric != "acc" else []) + (["f1"] if "val_f1" in results[0] else [])
+    width = max(12, *(len(m.get("run", m["schedule"])) for m in results))
+    head = (f"{'schedule':<{width}} {'val before':>10} {'val after':>10} {'test':>8}"
+            + "".join(f" {'val ' + k:>8} {'test ' + k:>8}" for k in keys if f"val_{k}" in results[0])
             + f" {'trainable':>10} {'rank':>6} {'seconds':>8}")
     lines = [head, "-" * len(head)]
     for m in results:
-        acc = f" {m['val_acc']:>8.3f} {m['test_acc']:>8.3f}" if has_acc else ""
+        cells = "".join(f" {m[f'val_{k}']:>8.3f} {m[f'test_{k}']:>8.3f}" for k in keys if f"val_{k}" in m)
         rank = m["total_rank"] if m["rank_pattern"] else "-"
-        lines.append(f"{m.get('run', m['schedule']):<12} {m['val_loss_before']:>10.4f} {m['val_loss']:>10.4f} "
-                     f"{m['test_loss']:>8.4f}{acc} {m['trainable_params']:>10,} {rank:>6} {m['seconds']:>8.1f}")
+        lines.append(f"{m.get('run', m['schedule']):<{width}} {m['val_loss_before']:>10.4f} {m['val_loss']:>10.4f} "
+                     f"{m['test_loss']:>8.4f}{cells} {m['trainable_params']:>10,} {rank:>6} {m['seconds']:>8.1f}")
     return "\n".join(lines)
 
 
@@ -743,8 +753,9 @@ def main(argv=None):
         np.random.seed(args.seed)
         base_splits, ft_splits, digest = cache_corpora(args, procs, *corpora)
         base_ckpt = pretrain(args, procs, base_splits, digest)
-        if args.task == "classify":
-            task, n_classes = data.ClassifyTask(ft_splits, args), len(data.CLASS_PACKAGES)
+        if args.task in data.GLUE_TASKS:
+            task = data.GLUE_TASK_CLASSES[args.task](ft_splits, args)
+            n_classes = task.n_classes
         else:  # an encoder sees the future, so on text it can only learn masked bytes
             task, n_classes = (data.MLMTask if args.arch == "encoder" else data.LMTask)(ft_splits, args), 0
         results = [finetune(args, procs, s, base_ckpt, task, n_classes) for s in args.schedules]
@@ -764,7 +775,7 @@ def main(argv=None):
             dist.destroy_process_group()
     if len(results) > 1 and procs.master:
         print("\n" + comparison_table(results))
-        path = run_dir(args, "comparison") + ".svg"  # named like the runs' folders: out/classify-comparison.svg
+        path = run_dir(args, "comparison") + ".svg"  # named like the runs' folders: out/cola-comparison.svg
         save_text(plot.comparison({m.get("run", m["schedule"]): [m] for m in results}), path)
         print(f"picture: {path}")
     return 0

@@ -101,13 +101,13 @@ def test_grad_accumulation_reproduces_one_step(tmp_path, one):
 
 def test_the_encoder_pretrains_and_classifies_under_two_processes(tmp_path):
     # masked bytes: each process's share of the batch is its share of the masked targets, not of rows
-    argv = ["--arch", "encoder", "--task", "classify", "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
+    argv = ["--arch", "encoder", "--task", "package", "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
             "--block-size", "32", "--batch-size", "16", "--pretrain-iters", "20", "--iters", "20", "--warmup", "5",
             "--interval", "5", "--eval-interval", "20", "--probe-iters", "5", "--ref-rank", "2", "--dist-timeout", "60"]
     assert train.main(argv + ["--out-dir", str(tmp_path / "one")]) == 0
     outs = launch(argv + ["--out-dir", str(tmp_path / "two")])
     assert [o[0] for o in outs] == [0, 0], outs
-    a, b = metrics(tmp_path / "one", "classify-linear"), metrics(tmp_path / "two", "classify-linear")
+    a, b = metrics(tmp_path / "one", "package-linear"), metrics(tmp_path / "two", "package-linear")
     assert_close_runs(a, b)
     assert abs(a["val_acc"] - b["val_acc"]) <= 1e-6
 
@@ -149,3 +149,19 @@ def test_ctrl_c_under_torchrun_saves_once_and_exits_cleanly(tmp_path, one):
     assert 'train.py", line' not in output, output  # no traceback of ours (torchrun prints its own)
     ckpt = torch.load(tmp_path / "linear" / "ckpt.pt", weights_only=False)
     assert ckpt["step"] >= 20 and ckpt["args"]["world"] == 2
+
+
+def test_adalora_and_increlora_under_two_processes(tmp_path, one):
+    # AdaLoRA scores the all-reduced gradients: it matches one process. IncreLoRA's sensitivity needs
+    # dL/ddW, which each process sees for its own share of the batch only: rank 0's scores decide for
+    # all (broadcast), so the processes stay in lockstep (checked at every checkpoint) but differ from one.
+    base = str(next((one / "base").glob("*.pt")))
+    for schedule in ("adalora", "increlora"):
+        argv = TINY + ["--schedule", schedule, "--init-from", base]
+        outs = launch(argv + ["--out-dir", str(tmp_path / "two")])
+        assert [o[0] for o in outs] == [0, 0], outs
+        two = metrics(tmp_path / "two", schedule)
+        assert two["world_size"] == 2 and two["total_rank"] == 48
+        if schedule == "adalora":
+            assert train.main(argv + ["--out-dir", str(tmp_path / "one")]) == 0
+            assert_close_runs(metrics(tmp_path / "one", schedule), two)

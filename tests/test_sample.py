@@ -15,7 +15,7 @@ from model import GPT, GPTConfig
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "8",
         "--pretrain-iters", "50", "--iters", "20", "--warmup", "5", "--interval", "5", "--eval-interval", "20",
         "--eval-iters", "2", "--ref-rank", "4", "--rank-step", "2", "--lr-warmup", "5", "--sample-len", "0"]
-TINY_CLASSIFY = ["--arch", "encoder", "--task", "classify", "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
+TINY_CLASSIFY = ["--arch", "encoder", "--task", "package", "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
                  "--block-size", "32", "--batch-size", "8", "--pretrain-iters", "20", "--iters", "10",
                  "--probe-iters", "5", "--eval-iters", "2", "--warmup", "2", "--interval", "2",
                  "--eval-interval", "10", "--ref-rank", "4", "--rank-step", "2", "--schedule", "linear"]
@@ -43,7 +43,7 @@ def cls(tmp_path_factory):
 
 
 def run_folder(lm, cls, name):
-    return cls / name if name.startswith("classify-") else lm[0] / name
+    return cls / name if name.startswith("package-") else lm[0] / name
 
 
 def from_checkpoint(folder):
@@ -74,11 +74,11 @@ def call(*argv):
     return code, out.getvalue(), err.getvalue()
 
 
-@pytest.mark.parametrize("name", ["linear", "lora", "full", "classify-linear"])
+@pytest.mark.parametrize("name", ["linear", "lora", "full", "package-linear"])
 def test_adapter_reproduces_the_fine_tuned_model_exactly(lm, cls, name):
     folder = run_folder(lm, cls, name)
     model, adapter = sample.load_run(str(folder))
-    assert torch.equal(logits(model, "classify" in name), logits(from_checkpoint(folder), "classify" in name))
+    assert torch.equal(logits(model, "package" in name), logits(from_checkpoint(folder), "package" in name))
     (base_path,) = (folder.parent / "base").glob("*.pt")
     assert adapter["base_path"] == str(base_path)
     size, base_size = (folder / "adapter.pt").stat().st_size, base_path.stat().st_size
@@ -88,7 +88,7 @@ def test_adapter_reproduces_the_fine_tuned_model_exactly(lm, cls, name):
         assert adapter["model"] is None and size < base_size / 3
         blocks = {n: e.get("block_sizes", [e.get("rank")]) for n, e in adapter["layers"].items()}
         assert blocks == torch.load(folder / "ckpt.pt", weights_only=False)["rank_pattern"]
-    assert (adapter["cls_head"] is not None) == (name == "classify-linear")
+    assert (adapter["cls_head"] is not None) == (name == "package-linear")
 
 
 def test_the_report_prints_the_adapter_size_next_to_the_base(lm):
@@ -108,9 +108,9 @@ def test_a_resaved_base_matches_its_fingerprint(lm, tmp_path):
     assert torch.equal(logits(model, False), logits(sample.load_run(str(folder))[0], False))
 
 
-@pytest.mark.parametrize("name", ["linear", "lora", "classify-linear"])
+@pytest.mark.parametrize("name", ["linear", "lora", "package-linear"])
 def test_merged_export_is_a_plain_checkpoint_with_the_same_outputs(lm, cls, name, tmp_path):
-    folder, classify = run_folder(lm, cls, name), "classify" in name
+    folder, classify = run_folder(lm, cls, name), "package" in name
     code, out, _ = call("--run", folder, "--export", tmp_path / "merged.pt")
     assert code == 0 and "merged.pt" in out
     ckpt = torch.load(tmp_path / "merged.pt", weights_only=True)  # tensors and plain values, nothing else
@@ -146,7 +146,7 @@ def test_sampling_is_deterministic_under_a_seed(lm, name, tmp_path):
 
 
 def test_classify_prints_a_distribution_over_every_label(cls, tmp_path):
-    folder = cls / "classify-linear"
+    folder = cls / "package-linear"
     model, _ = sample.load_run(str(folder))
     probs = sample.class_probabilities(model, data.encode("import asyncio\nasync def main():"))
     assert probs.shape == (len(data.CLASS_PACKAGES),) and (probs > 0).all()
@@ -205,7 +205,7 @@ BAD = [  # (what, argv from (lm, cls, tmp_path), a part of the message)
      "--temperature must be a positive number"),
     ("zero top-k", lambda lm, cls, t: [*linear(lm), "--top-k", "0"], "--top-k must be positive"),
     ("missing prompt file", lambda lm, cls, t: [*linear(lm), "--prompt", f"FILE:{t / 'no.txt'}"], "does not exist"),
-    ("classifier without text", lambda lm, cls, t: ["--run", cls / "classify-linear"], "is a classifier"),
+    ("classifier without text", lambda lm, cls, t: ["--run", cls / "package-linear"], "is a classifier"),
     ("text to a language model", lambda lm, cls, t: [*linear(lm), "--text", "x"], "is a language model"),
     ("neither run nor merged", lambda lm, cls, t: [], "give one of --run"),
     ("export of a merged file", lambda lm, cls, t: ["--merged", t / "m.pt", "--export", t / "x.pt"],

@@ -260,7 +260,17 @@ def bad_inputs():
         ("directory as data file", lambda d, f: ["--base-data", str(d)], "is a directory"),
         ("unreadable data file", lambda d, f: ["--data", "/proc/self/mem"], "cannot be read"),
         ("unknown schedule", lambda d, f: ["--schedule", "linear,cosine"],
-          "unknown schedule 'cosine': choose from linear, exponential, topk, lora, full"),
+          "unknown schedule 'cosine': choose from linear, exponential, topk, lora, adalora, increlora, full"),
+        ("the old task name", lambda d, f: ["--arch", "encoder", "--task", "classify"],
+          "--task classify is now --task package, one of the understanding tasks cola, pairs, package"),
+        ("understanding task on the gpt", lambda d, f: ["--task", "cola"], "--task cola needs --arch encoder"),
+        ("negative block warmup", lambda d, f: ["--block-warmup", "-1"], "--block-warmup must not be negative, got -1"),
+        ("adalora starting below its budget", lambda d, f: ["--schedule", "adalora", "--adalora-init-rank", "3"],
+          "adalora starts with 3 x 12 = 36 triplets, below the budget 48: it could only prune"),
+        ("adalora without pruning steps", lambda d, f: ["--schedule", "adalora", "--final-warmup", "30"],
+          "--warmup 10 + --final-warmup 30 leave no pruning steps in --iters 40"),
+        ("resume with another interval", lambda d, f: ["--resume", "--interval", "7"] + copy(f, d),
+          "was made with --interval 5, not 7"),
         ("unknown target", lambda d, f: ["--targets", "q_proj,c_attn"],
           "unknown target module 'c_attn': choose from q_proj"),
         ("warmup >= iters", lambda d, f: ["--warmup", "40"], "--warmup 40 must be below --iters 40"),
@@ -375,15 +385,15 @@ def test_tiny_classification_beats_chance(tmp_path, capsys):
     # chance is 1/8; 0.15 is three standard deviations of chance accuracy above it on >= 1600 snippets.
     # (200 pretraining steps and lr 1e-2 for linear left it at 0.136 once new blocks shared Adam's step
     # count; with 400 steps and lr 3e-3 seeds 1337, 1, 2 reached 0.183, 0.152, 0.192.)
-    argv = ["--arch", "encoder", "--task", "classify", "--out-dir", str(tmp_path),
+    argv = ["--arch", "encoder", "--task", "package", "--out-dir", str(tmp_path),
             "--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--block-size", "64", "--batch-size", "32",
             "--pretrain-iters", "400", "--iters", "400", "--probe-iters", "100", "--warmup", "10",
             "--eval-interval", "400", "--ref-rank", "4"]
     assert train.main(argv + ["--schedule", "linear", "--lr", "3e-3"]) == 0
     assert train.main(argv + ["--schedule", "full", "--lr", "3e-3"]) == 0  # reuses the same base
     assert "val acc" in capsys.readouterr().out
-    linear = json.loads((tmp_path / "classify-linear" / "metrics.json").read_text())
-    full = json.loads((tmp_path / "classify-full" / "metrics.json").read_text())
+    linear = json.loads((tmp_path / "package-linear" / "metrics.json").read_text())
+    full = json.loads((tmp_path / "package-full" / "metrics.json").read_text())
     assert linear["val_acc"] > 0.15 and linear["val_acc"] > linear["val_acc_before"]
     assert linear["val_loss"] < linear["val_loss_before"]
     assert full["val_acc"] > 0.15 and full["test_acc"] > 0.15

@@ -1,0 +1,190 @@
+"""The understanding tasks of data.py (cola, pairs, package): deterministic, file-disjoint, balanced,
+labelled truthfully, with no shallow cue, and their metrics on examples worked by hand."""
+import ast
+import collections
+import functools
+import math
+import types
+
+import pytest
+import torch
+
+import data
+import model
+
+B, MAX_TRAIN = 128, 1200  # the encoder's default block size; a train split small enough to build fast
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return {task: data.glue_examples(task, B, MAX_TRAIN) for task in data.GLUE_TASKS}
+
+
+def test_mcc_and_f1_on_examples_worked_by_hand():
+    # tp 1, fp 1, tn 2, fn 0: (1 * 2 - 1 * 0) / sqrt(2 * 1 * 3 * 2) = 1 / sqrt(3)
+    assert data.mcc([1, 1, 0, 0], [1, 0, 0, 0]) == pytest.approx(1 / math.sqrt(3))
+    assert data.mcc(torch.tensor([1, 0, 1, 0]), torch.tensor([1, 0, 1, 0])) == 1.0
+    assert data.mcc([0, 1, 0, 1], [1, 0, 1, 0]) == -1.0
+    assert data.mcc([1, 1, 1, 1], [1, 0, 1, 0]) == 0.0  # a constant prediction: a factor is 0
+    # tp 1, fp 1, fn 1: 2 / (2 + 1 + 1)
+    assert data.f1([1, 1, 0, 0], [1, 0, 1, 0]) == 0.5
+    assert data.f1(torch.tensor([1, 1, 0]), torch.tensor([1, 1, 0])) == 1.0
+    assert data.f1([0, 0], [0, 0]) == 0.0
+    assert data.counts([1, 1, 0, 0, 0], [1, 0, 1, 0, 0]) == (1, 1, 2, 1)
+
+
+def test_builders_are_deterministic():
+    for task in ("cola", "pairs", "package"):
+        first = data.glue_splits(task, 64, 200)
+        data.glue_examples.cache_clear()
+        data.outline.cache_clear()  # rebuilt from the files themselves
+        second = data.glue_splits(task, 64, 200)
+        for split in data.SPLITS:
+            assert all(torch.equal(a, b) for a, b in zip(first[split], second[split]))
+            assert first[split][0].dtype == torch.int64 and first[split][0].shape[1] == 64
+            assert 0 <= int(first[split][0].min()) and int(first[split][0].max()) < 256  # never the MASK id
+
+
+def test_sizes_and_tensors_follow_the_examples(examples):
+    for task in ("cola", "pairs"):
+        splits = data.glue_splits(task, B, MAX_TRAIN)
+        for split, (x, y) in splits.items():
+            ex = examples[task][split]
+            assert x.shape == (len(ex), B) and y.tolist() == [e.label for e in ex]
+            assert len(ex) >= {"train": MAX_TRAIN, "val": 500, "test": 500}[split]
+            padded = [e.text.encode().ljust(B, bytes([data.PAD])) for e in ex]
+            assert bytes(x.flatten().tolist()) == b"".join(padded)  # every text fits: nothing clipped
+    x, y = data.glue_splits("package", B, MAX_TRAIN)["train"]
+    assert torch.equal(x, data.classification_splits(B, MAX_TRAIN // 8)["train"][0])
+    assert len(examples["package"]["train"]) == len(y) == MAX_TRAIN
+
+
+def test_splits_are_file_disjoint_and_their_files_are_held_out_of_pretraining(examples):
+    split_of = data.stdlib_split_of()
+    holdout = set(data.glue_holdout_files())
+    assert holdout == {p for p, s in split_of.items() if s != "train"}
+    assert set(data.classification_holdout_files()) <= holdout
+    assert not holdout & set(data.stdlib_sources(exclude=holdout))
+    for task, splits in examples.items():
+        files = {split: {e.file for e in ex} for split, ex in splits.items()}
+        assert not files["train"] & files["val"] and not files["train"] & files["test"]
+        assert not files["val"] & files["test"]
+        assert all(split_of[f] == split for split, fs in files.items() for f in fs)
+        assert files["val"] | files["test"] <= holdout
+
+
+def test_labels_are_balanced_in_every_split(examples):
+    for task, splits in examples.items():
+        for split, ex in splits.items():
+            per_label = collections.Counter(e.label for e in ex)
+            assert len(per_label) == (8 if task == "package" else 2), (task, split)
+            assert len(set(per_label.values())) == 1, (task, split, per_label)
+
+
+def test_every_cola_positive_parses_and_every_negative_does_not(examples):
+    for split, ex in examples["cola"].items():
+        for e in ex:
+            assert data.parses(e.text) == bool(e.label), (split, e)
+            assert data.parses(e.text.ljust(B)) == bool(e.label)  # the padded row the model sees, too
+            assert len(e.text.encode()) <= B
+        x, y = data.glue_splits("cola", B, MAX_TRAIN)[split]
+        for row, label in zip(x[:200], y[:200]):
+            assert data.parses(data.decode(row.tolist())) == bool(label)
+
+
+def test_a_cola_negative_is_one_token_edit_that_leaves_the_brackets_alone(examples):
+    ops = collections.Counter()
+    for e in examples["cola"]["val"]:
+        if e.label == 1:
+            assert e.note == ""
+            continue
+        op, tok = e.note.split(" ", 1)
+        tok = ast.literal_eval(tok)
+        ops[op] += 1
+        assert not set(tok) & set("()[]{}")
+        assert op != "duplicate" or tok + data.separator(tok) + tok in e.text
+        lines = open(e.file, encoding="utf-8").read().split("\n")
+        first = data.tokens(e.text)[0][2].split("\n")[0]
+        assert lines[e.line - 1].lstrip().startswith(first)  # the first token is the snippet's own
+    assert set(ops) == {"delete", "duplicate", "swap"} and min(ops.values()) > 50
+
+
+@functools.lru_cache(maxsize=None)
+def functions_of(path):
+    """{def line: (first paragraph of its docstring on one line, the docstring's first line)}, from a
+    parse of our own."""
+    out, lines = {}, open(path, encoding="utf-8").read().split("\n")
+    for node in ast.walk(ast.parse(open(path, "rb").read())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and ast.get_docstring(node):
+            summary = " ".join(ast.get_docstring(node).strip().split("\n\n")[0].split())
+            out[node.lineno] = summary, lines[node.body[0].lineno - 1].strip()
+    return out
+
+
+def test_pairs_show_a_docstring_of_the_same_file_the_own_one_for_positives_only(examples):
+    for split, ex in examples["pairs"].items():
+        for e in ex:
+            head, code = e.text.split("\n", 1)
+            functions = functions_of(e.file)
+            assert head == data.fits("# " + functions[e.note][0], B // 2)  # a docstring from e.file
+            assert (e.note == e.line) == bool(e.label)
+            lines = open(e.file, encoding="utf-8").read().split("\n")
+            assert code.split("\n")[0] in lines[e.line - 1]  # and the code of another one in e.file
+            assert code.startswith(("def ", "async def "))
+            assert functions[e.line][1] not in [line.strip() for line in code.split("\n")]  # no docstring
+        docs = collections.Counter((e.file, e.note, e.label) for e in ex)
+        codes = collections.Counter((e.file, e.line, e.label) for e in ex)
+        for shown in (docs, codes):  # every docstring, and every function's code, once with either label
+            assert set(shown.values()) == {1} and all((f, n, 1 - label) in shown for f, n, label in shown)
+
+
+def majority_by(feature, train, val):
+    """Accuracy on val of predicting, for each value of feature, the label most frequent with it on train."""
+    seen = collections.defaultdict(collections.Counter)
+    for e in train:
+        seen[feature(e)][e.label] += 1
+    return sum((seen[feature(e)][1] >= seen[feature(e)][0]) == e.label for e in val) / len(val)
+
+
+CUES = {
+    "length": lambda e: len(e.text.encode()),
+    "bracket parity": lambda e: tuple(e.text.count(c) % 2 for c in "()[]{}"),
+    "brackets balanced": lambda e: all(e.text.count(a) == e.text.count(b) for a, b in ("()", "[]", "{}")),
+    "last byte": lambda e: e.text.encode()[-1:],
+    "first byte": lambda e: e.text.encode()[:1],
+    "lines": lambda e: e.text.count("\n"),
+}
+
+
+@pytest.mark.parametrize("task", ["cola", "pairs"])
+@pytest.mark.parametrize("cue", list(CUES))
+def test_no_shallow_cue_beats_chance(examples, task, cue):
+    acc = majority_by(CUES[cue], examples[task]["train"], examples[task]["val"])
+    n = len(examples[task]["val"])
+    assert abs(acc - 0.5) < 3 * 0.5 / math.sqrt(n), f"{task}: {cue} alone gives {acc:.3f} on val"
+
+
+def test_a_task_evaluates_its_own_metric():
+    torch.manual_seed(0)
+    args = types.SimpleNamespace(batch_size=4, device_name="cpu", dtype="fp32")
+    x, y = torch.randint(256, (300, 16)), torch.tensor([1, 0] * 150)  # more rows than one evaluation batch
+    for name, metric, extra in (("cola", "mcc", "mcc"), ("pairs", "acc", "f1")):
+        task = data.GLUE_TASK_CLASSES[name]({"val": (x, y)}, args)
+        assert (task.metric, task.n_classes) == (metric, 2)
+        net = model.GPT(model.GPTConfig(vocab_size=257, block_size=16, n_layer=1, n_head=2, n_embd=16,
+                                        bidirectional=True, n_classes=2))
+        result = task.evaluate(net, "val")
+        with torch.no_grad():
+            pred = net.classify(x)[0].argmax(-1)
+        assert set(result) == {"loss", "acc", extra}
+        assert result["acc"] == pytest.approx((pred == y).float().mean().item())
+        assert result[extra] == pytest.approx(data.METRICS[extra](pred, y))
+    package = data.GLUE_TASK_CLASSES["package"]
+    assert (package.metric, package.n_classes) == ("acc", len(data.CLASS_PACKAGES))
+
+
+def test_unknown_tasks_and_too_small_blocks_are_refused():
+    with pytest.raises(data.DataError, match="unknown task 'classify'"):
+        data.glue_examples("classify", B)
+    with pytest.raises(data.DataError, match="32 at least"):
+        data.glue_splits("cola", 16)
