@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import data
+import baselines
 import options
 import plot
 import train
@@ -105,15 +106,47 @@ def make_batches(config, batch_size, device, n=4):
     return [torch.randint(0, 256, shape, generator=g).to(device) for _ in range(n)]
 
 
+class WithAllocator:
+    """An optimizer whose step() is followed by the allocator's per-step work, as in train.py's loop:
+    AdaLoRA's importance averages, IncreLoRA's sensitivity (t = 1 stays in their warmup: no round)."""
+
+    def __init__(self, opt, allocator):
+        self.opt, self.allocator = opt, allocator
+
+    @property
+    def param_groups(self):
+        return self.opt.param_groups
+
+    def step(self):
+        self.opt.step()
+        self.allocator.step(1, self.opt)
+
+    def zero_grad(self, set_to_none=True):
+        self.opt.zero_grad(set_to_none=set_to_none)
+
+
 def make_variant(name, config, rank, rank_step, device, batches):
     """(model, TriAdapt layers or {}, optimizer) of one method; the grown triangular variants grow from
-    rank 1 through the allocator in real training steps on `batches` (see grow_by_allocator)."""
+    rank 1 through the allocator in real training steps on `batches` (see grow_by_allocator).
+    adalora holds 1.5 rank triplets a matrix and updates its scores every step; increlora (growing) is
+    a diagonal core of the full rank that measures its sensitivity every step, as while it grows."""
     torch.manual_seed(0)
     model = GPT(config).to(device)
     targets = list(train.TARGETS)
     layers = {}
     if name == "lora":
         triadapt.inject(model, targets, layer_cls=triadapt.LoRALinear, rank=rank)
+    elif name == "adalora":
+        layers = triadapt.inject(model, targets, layer_cls=baselines.AdaLoRALinear, rank=(3 * rank) // 2,
+                                 ref_rank=rank)
+        opt = adamw([p for p in model.parameters() if p.requires_grad])
+        return model, layers, WithAllocator(opt, baselines.AdaLoRAAllocator(layers, 10 ** 6, init_warmup=10 ** 5))
+    elif name == "increlora (growing)":
+        layers = triadapt.inject(model, targets, rank=rank, ref_rank=rank, core="diagonal")
+        opt = adamw([p for p in model.parameters() if p.requires_grad])
+        alloc = triadapt.RankAllocator(layers, 10 ** 6, target_total_rank=10 ** 6, warmup=10 ** 5,
+                                       importance="sensitivity")
+        return model, layers, WithAllocator(opt, alloc)
     elif name != "full":
         cls = MaterializedTriAdaptLinear if name == "materialized" else triadapt.TriAdaptLinear
         layers = triadapt.inject(model, targets, layer_cls=cls, rank=rank if name == "tri (1 block)" else 1,
@@ -197,7 +230,7 @@ def allocator_fraction(config, args, steps=120):
 
 def speed(args):
     """Step times (skipped with --steps 0), aten ops per step, and the allocator's share of a run."""
-    variants = ["lora", "tri (1 block)", "tri (grown)", "materialized", "full"]
+    variants = ["lora", "tri (1 block)", "tri (grown)", "materialized", "adalora", "increlora (growing)", "full"]
     shapes = [("default", GPTConfig()), ("wide", GPTConfig(n_embd=384, n_head=6))]
     rank_step = max(1, args.rank // 2)
     print(f"machine: {machine()}, device {args.device}")
@@ -220,10 +253,12 @@ def speed(args):
             ms = " ".join(f"{times[label][v] * 1e3:>11.1f} ms" for v in variants)
             print(f"{label:<8} {config.n_embd:>6} {ms}")
         print("\nratios")
-        print(f"{'shape':<8} {'tri(1)/lora':>12} {'tri(grown)/lora':>16} {'materialized/tri':>17} {'full/lora':>10}")
+        print(f"{'shape':<8} {'tri(1)/lora':>12} {'tri(grown)/lora':>16} {'materialized/tri':>17} "
+              f"{'adalora/lora':>13} {'increlora/lora':>15} {'full/lora':>10}")
         for label, t in times.items():
             print(f"{label:<8} {t['tri (1 block)'] / t['lora']:>12.3f} {t['tri (grown)'] / t['lora']:>16.3f} "
-                  f"{t['materialized'] / t['tri (grown)']:>17.3f} {t['full'] / t['lora']:>10.3f}")
+                  f"{t['materialized'] / t['tri (grown)']:>17.3f} {t['adalora'] / t['lora']:>13.3f} "
+                  f"{t['increlora (growing)'] / t['lora']:>15.3f} {t['full'] / t['lora']:>10.3f}")
     columns = list(ops["default"])  # the variants, and the tri ones also without R_orth
     width = {c: max(8, len(c)) for c in columns}
     print("\naten ops per training step (count_ops), and the optimizer's param groups")
