@@ -61,6 +61,8 @@ Usage, with `layers = triadapt.inject(model, targets, layer_cls=AdaLoRALinear, r
 import torch
 import torch.nn as nn
 
+import triadapt
+
 
 # ----------------------------------------------------------------------------- AdaLoRA
 
@@ -149,7 +151,6 @@ class AdaLoRALinear(nn.Module):
 
 def load_adalora(model, name, entry):
     """Wrap the linear `name` of `model` in an AdaLoRALinear holding adapter_entry()'s values."""
-    import triadapt  # only here: the rest of this file needs nothing of it
     (layer,) = triadapt.inject(model, [name], layer_cls=AdaLoRALinear, rank=len(entry["E"]),
                                alpha=entry["alpha"], ref_rank=entry["ref_rank"]).values()
     with torch.no_grad():

@@ -63,6 +63,28 @@ so their count grows with the number of growths; this storage costs the same for
 R_orth as a loop over layers cost 1,133 of those ops (2,474 in all, 2.35x); batched by shape it
 costs ~20 per distinct (r, d) shape plus ~8 per layer (here 4 shapes: 273).
 
+Variants (the flags of train.py in brackets), so that each of TriAdaptLoRA's ideas can be ablated:
+  core="diagonal" [--core]         C = diag(lambda): a new block is k entries of lambda (starting at 1),
+                                   and a matrix trains r (d_in + d_out) + r numbers;
+  importance="sensitivity"         score = I_bar * U_bar, the smoothed sum |dW * dL/ddW| / sqrt(d_out d_in)
+    [--importance]                 and its uncertainty, updated every step (RankAllocator), in place of
+                                   the change of N(C) between rounds;
+  block_warmup=N [--block-warmup]  a block born after step t0 learns at lr(t) * min(1, (t - t0) / N);
+  advance=k [--advance]            the next block (k rows of A_next, k columns of B_next) trains ahead
+                                   under a frozen core entry ADVANCE_EPS and goes live, values kept, at
+                                   the matrix's next growth (dW does not change); dropped once no growth
+                                   is left.
+Which combination is which published method (every one keeps s constant and grows function-preservingly):
+
+    core        importance    schedule                  extras                    method
+    triangular  frobenius     linear/exponential/topk   -                         TriAdaptLoRA
+    diagonal    sensitivity   topk (top-h every dt)     block warmup, advance     IncreLoRA (--schedule increlora)
+    diagonal    frobenius     linear                    -                         ablation: no triangles
+    triangular  sensitivity   linear                    -                         ablation: no Frobenius score
+    diagonal    sensitivity   linear                    -                         ablation: neither (IncreLoRA's
+                                                                                  choices, TriAdaptLoRA's threshold)
+AdaLoRA, which prunes instead of growing, is in baselines.py.
+
 Usage: see RankAllocator's docstring; `python -m pytest tests/test_triadapt.py` checks the math.
 adapter_state() and load_adapter() save a trained adapter and rebuild it on a fresh base (sample.py),
 merge_adapters() folds every adapter into its base weight for a plain export.
