@@ -273,7 +273,8 @@ def short_name(name):
 
 
 KINDS = {"linear": "TriAdaptLoRA, linear schedule", "exponential": "TriAdaptLoRA, exponential schedule",
-         "topk": "TriAdaptLoRA, top-k schedule", "lora": "plain LoRA", "full": "full fine-tuning"}
+         "topk": "TriAdaptLoRA, top-k schedule", "lora": "plain LoRA", "full": "full fine-tuning",
+         "adalora": "AdaLoRA (prunes to the budget)", "increlora": "IncreLoRA (diagonal core, sensitivity)"}
 
 
 def settings(m):
@@ -285,12 +286,19 @@ def settings(m):
              f"seed {c.get('seed')}"]
     if schedule == "lora":
         parts.append(f"r {c.get('ref_rank')}, alpha {c.get('alpha')}")
-    elif schedule in ("linear", "exponential", "topk"):
+    elif schedule in ("linear", "exponential", "topk", "increlora"):
         k = c.get("rank_step") or max(1, (c.get("ref_rank") or 2) // 2)  # triadapt.RankAllocator's default k
         parts += [f"r_ref {c.get('ref_rank')}", f"budget {c.get('budget_total')}", f"k0 {c.get('init_rank')}",
                   f"k {k}", f"t_w {c.get('warmup')}", f"dt {c.get('interval')}"]
         parts += [f"K {c.get('top_k')}"] if schedule == "topk" else []
+        variant = [f"{c.get(key)}" for key, default in (("core", "triangular"), ("importance", "frobenius"))
+                   if c.get(key, default) != default] + (["advance"] if c.get("advance") else [])
+        parts += variant + ([f"block warmup {c.get('block_warmup')}"] if c.get("block_warmup") else [])
         parts.append(f"orth {c.get('orth_reg')}")
+    elif schedule == "adalora":
+        parts += [f"r_ref {c.get('ref_rank')}", f"from {c.get('adalora_rank')} a matrix to budget "
+                  f"{c.get('budget_total')}", f"t_i {c.get('warmup')}", f"t_f {c.get('adalora_final')}",
+                  f"dt {c.get('interval')}", f"orth {c.get('orth_reg')}"]
     return ", ".join(parts)
 
 
@@ -302,7 +310,7 @@ def run_report(m, where=""):
     the total rank on a second axis if the run grew, and then the heat map of every matrix's rank.
     `where` (the run's folder) goes into the title."""
     schedule = m.get("schedule", "run")
-    title = f"{schedule}: {KINDS.get(schedule, schedule)}" + (f"  ({where})" if where else "")
+    title = f"{m.get('run', schedule)}: {KINDS.get(schedule, schedule)}" + (f"  ({where})" if where else "")
     result = f"val loss {m['val_loss_before']:.4f} -> {m['val_loss']:.4f}, test {m['test_loss']:.4f}"
     if "val_acc" in m:
         result += f"; val acc {m['val_acc_before']:.3f} -> {m['val_acc']:.3f}, test {m['test_acc']:.3f}"
