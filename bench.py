@@ -420,10 +420,18 @@ def quality(args):
     results = {"task": args.task, "machine": machine(), "methods": {},
                "metric": data.GLUE_TASK_CLASSES[args.task].metric if classify else "loss",
                "base": None if classify else base_losses(base, ft_splits, base_args)}
+    # a bench split over several commands: the others' methods stay in the tables, if they ran alike
+    results["settings"] = {"iters": args.iters, "quick": args.quick, "train_args": args.train_args,
+                           "first_seed": args.first_seed}
     previous = os.path.join(args.out_dir, f"bench_quality_{args.task}.json")
-    if os.path.exists(previous):  # a bench split over several commands: the others' methods stay in the tables
+    if os.path.exists(previous):
         with open(previous) as f:
-            results["methods"] = json.load(f)["methods"]
+            earlier = json.load(f)
+        if earlier.get("settings") == results["settings"]:
+            results["methods"] = earlier["methods"]
+        else:
+            print(f"note: {previous} was made with other settings ({earlier.get('settings')}); "
+                  f"its methods are left out of the tables and the file is replaced")
 
     def run(label, schedule, *extra):
         runs = []
@@ -507,13 +515,15 @@ def accuracy_table(results):
     """An understanding task: the task's metric (and acc) on val and test, mean +- std, with the head-only
     probe (the head trained alone on the frozen encoder) as the first row."""
     metric = next(iter(results["methods"].values()))[0].get("metric", "acc")
-    lines = [f"{'method':<28} {'val ' + metric:>16} {'test ' + metric:>16} {'test acc':>16} {'trainable':>10} "
+    other = "f1" if "test_f1" in next(iter(results["methods"].values()))[0] else "acc"  # pairs: acc and F1
+    lines = [f"{'method':<28} {'val ' + metric:>16} {'test ' + metric:>16} {'test ' + other:>16} {'trainable':>10} "
              f"{'rank':>5} {'seconds':>8}"]
-    rows = {"probe (head only)": probe_runs(results), **results["methods"]}
+    probe = probe_runs(results)
+    rows = {"probe (head only)": probe, **results["methods"]} if f"test_{metric}" in probe[0] else results["methods"]
     for label, runs in rows.items():
         v, vs = mean_std([m[f"val_{metric}"] for m in runs])
         t, ts = mean_std([m[f"test_{metric}"] for m in runs])
-        a, as_ = mean_std([m["test_acc"] for m in runs])
+        a, as_ = mean_std([m[f"test_{other}"] for m in runs])
         probe = label.startswith("probe")
         rank = f"{statistics.mean(m['total_rank'] for m in runs):.0f}" if not probe and runs[0]["rank_pattern"] else "-"
         params = "-" if probe else f"{round(statistics.mean(m['trainable_params'] for m in runs)):,}"
@@ -525,7 +535,8 @@ def accuracy_table(results):
 
 def glue_table(out_dir):
     """GLUE-style: methods as rows, every understanding task benched in out_dir as a column (its metric on
-    the test split, x 100, mean +- std over seeds) and their average."""
+    the test split, x 100, mean +- std over seeds; pairs also F1, as MRPC) and the average of the tasks'
+    headline metrics."""
     tasks = {}
     for task in data.GLUE_TASKS:
         path = os.path.join(out_dir, f"bench_quality_{task}.json")
@@ -534,17 +545,25 @@ def glue_table(out_dir):
                 tasks[task] = json.load(f)
     if not tasks:
         return ""
-    rows = {}
+    rows, columns = {}, []
     for task, results in tasks.items():
         metric = next(iter(results["methods"].values()))[0].get("metric", "acc")
-        for label, runs in {"probe (head only)": probe_runs(results), **results["methods"]}.items():
-            rows.setdefault(label, {})[task] = mean_std([100 * m[f"test_{metric}"] for m in runs])
-    head = f"{'method':<28}" + "".join(f" {t + ' (' + tasks[t]['metric'] + ')':>16}" for t in tasks) + f" {'average':>8}"
+        keys = [metric] + (["f1"] if metric != "f1" and "test_f1" in next(iter(results["methods"].values()))[0] else [])
+        columns += [(task, k) for k in keys]
+        probe = probe_runs(results)
+        with_probe = {"probe (head only)": probe, **results["methods"]} if f"test_{metric}" in probe[0] \
+            else results["methods"]
+        for label, runs in with_probe.items():
+            for k in keys:
+                rows.setdefault(label, {})[(task, k)] = mean_std([100 * m[f"test_{k}"] for m in runs])
+            rows[label][(task, "headline")] = rows[label][(task, metric)]
+    head = f"{'method':<28}" + "".join(f" {t + ' (' + k + ')':>16}" for t, k in columns) + f" {'average':>8}"
     lines = [head]
     for label, cells in rows.items():
-        text = "".join(f" {f'{cells[t][0]:.1f} +- {cells[t][1]:.1f}':>16}" if t in cells else f" {'-':>16}"
-                       for t in tasks)
-        avg = f"{statistics.mean(c[0] for c in cells.values()):.1f}" if len(cells) == len(tasks) else "-"
+        text = "".join(f" {f'{cells[c][0]:.1f} +- {cells[c][1]:.1f}':>16}" if c in cells else f" {'-':>16}"
+                       for c in columns)
+        headline = [cells[(t, "headline")][0] for t in tasks if (t, "headline") in cells]
+        avg = f"{statistics.mean(headline):.1f}" if len(headline) == len(tasks) else "-"
         lines.append(f"{label:<28}{text} {avg:>8}")
     return "\n".join(lines)
 
@@ -665,14 +684,14 @@ def run_bench(args):
     t0 = time.time()
     results = quality(args)
     steps = args.iters if not args.quick else 60
+    path = os.path.join(args.out_dir, f"bench_quality_{args.task}.json")
+    train.save_json(results, path)  # before the tables: what ran is kept whatever they do
     print(f"\nquality on the {args.task} task, {args.seeds} seeds, {steps} steps each; test split; "
           f"machine: {results['machine']}; {time.time() - t0:.0f} s in all")
     print(accuracy_table(results) if args.task != "lm" else quality_table(results))
     if "linear" in results["methods"]:
         print("\nlinear schedule, first seed: rank of every matrix after each allocation round")
         print(heat_map(results["methods"]["linear"][0]))
-    path = os.path.join(args.out_dir, f"bench_quality_{args.task}.json")
-    train.save_json(results, path)
     print(f"raw numbers: {path}")
     if args.task != "lm":
         print(f"\nthe understanding tasks benched in {args.out_dir} (test split, x 100):\n{glue_table(args.out_dir)}")

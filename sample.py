@@ -231,10 +231,15 @@ def labels(task, n_classes):
 
 
 def run(args):
-    model, adapter = load_run(args.run, args.base) if args.run else (load_merged(args.merged), None)
+    if args.run:
+        model, adapter = load_run(args.run, args.base)
+        task = adapter.get("task")
+    else:  # a merged export remembers its task (cola and pairs rows are padded to the block)
+        model, adapter = load_merged(args.merged), None
+        task = read_plain_checkpoint(args.merged, "merged checkpoint").get("task")
     source = args.run or args.merged
     if args.export:
-        train.atomic_save({**merged_checkpoint(model), "merged_from": args.run}, args.export)
+        train.atomic_save({**merged_checkpoint(model), "merged_from": args.run, "task": task}, args.export)
         size = train.human_size(os.path.getsize(args.export))
         what = "the fully fine-tuned model" if adapter["schedule"] == "full" else f"{len(adapter['layers'])} adapters"
         print(f"merged {what} of {args.run} into {args.export} ({size}); fine-tune it further with: "
@@ -246,7 +251,8 @@ def run(args):
             raise UsageError(f"{source} is a classifier: give the snippet to classify with --text or --file")
         ids = read_input(args.text, "snippet") if args.file is None else list(data.read_text_file(args.file))
         check_fits(ids, model, "snippet")
-        task = adapter.get("task") if adapter else None
+        while task == "cola" and ids and ids[-1] in b" \t\r\n":  # its snippets end on their last token
+            ids = ids[:-1]
         if task in ("cola", "pairs"):  # trained on rows padded to the block: pooling must see the same
             ids = ids + [data.PAD] * (config.block_size - len(ids))
         probs = class_probabilities(model, ids, args.device_name)

@@ -181,6 +181,12 @@ class Procs:
         if self.world > 1:
             dist.barrier(group=self.ctrl)
 
+    def mean_over_processes(self, tensors):
+        """The allocator's reduce: IncreLoRA's dL/ddW of each process's share, averaged as DDP does."""
+        for t in tensors:
+            dist.all_reduce(t)
+            t /= self.world
+
     def broadcast_norms(self, norms):
         """The allocator's sync: every process scores the norms that rank 0 measured."""
         if all(torch.is_tensor(v) for v in norms.values()):  # AdaLoRA's per-triplet scores
@@ -551,7 +557,8 @@ def make_allocator(args, procs, schedule, layers):
     return triadapt.RankAllocator(layers, total_steps=args.iters, target_total_rank=args.budget_total,
                                   schedule=g["schedule"], warmup=args.warmup, interval=args.interval,
                                   rank_step=args.rank_step, top_k=args.top_k, max_rank=args.max_rank, sync=sync,
-                                  importance=g["importance"], block_warmup=g["block_warmup"])
+                                  importance=g["importance"], block_warmup=g["block_warmup"],
+                                  reduce=procs.mean_over_processes if procs.world > 1 else None)
 
 
 def count_held(model):

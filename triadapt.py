@@ -132,7 +132,7 @@ class TriAdaptLinear(nn.Module):
         self.register_buffer("U_mask", w.new_zeros(0, 0), persistent=False)  # (r, r), 1 on the column blocks
         self.merged = False
         self.track_sensitivity = False  # set by RankAllocator(importance="sensitivity")
-        self.register_buffer("sensitivity", w.new_zeros((), dtype=torch.float32), persistent=False)
+        self.grad_dW = None             # (d_out, d_in) dL/ddW of this step while tracking
         self.grow(rank)
         self.advance = 0
         if advance:
@@ -199,9 +199,22 @@ class TriAdaptLinear(nn.Module):
 
     @torch.no_grad()
     def _observe(self, x, g):
-        G = g.reshape(-1, g.shape[-1]).t().float() @ x.reshape(-1, x.shape[-1]).float()  # (d_out, d_in) dL/ddW
-        dW = self.delta_weight().float()                                                # (d_out, d_in)
-        self.sensitivity += (dW * G).abs().sum() / math.sqrt(dW.numel())  # summed over micro-steps
+        """dL/ddW += g^T x: summed over micro-steps, so that RankAllocator.before_step() sees the step's."""
+        G = g.reshape(-1, g.shape[-1]).t().float() @ x.reshape(-1, x.shape[-1]).float()  # (d_out, d_in)
+        if self.grad_dW is None:
+            self.grad_dW = G
+        else:
+            self.grad_dW += G
+
+    @torch.no_grad()
+    def take_sensitivity(self):
+        """I = sum |dW * dL/ddW| / sqrt(d_out d_in) of the gradient gathered since the last call (0 if none);
+        call before the optimizer moves dW."""
+        G, self.grad_dW = self.grad_dW, None
+        if G is None:
+            return self.A.new_zeros((), dtype=torch.float32)
+        dW = self.delta_weight().float()  # (d_out, d_in)
+        return (dW * G).abs().sum() / math.sqrt(dW.numel())
 
     @torch.no_grad()
     def grow(self, k):
@@ -244,18 +257,23 @@ class TriAdaptLinear(nn.Module):
         self.L_mask, self.U_mask = L_mask, U_mask
         self.block_sizes.append(k)
         if advance:
-            self._refill_advance(self.advance)
+            self._refill_advance(self.advance, keep=advance)
         return list(self.parameters(recurse=False))
 
     @torch.no_grad()
-    def _refill_advance(self, k):
-        """A fresh advance block of size k: A_next ~ N(0, init_std^2), B_next = 0, trained ahead of its
-        growth under the frozen core entry ADVANCE_EPS (IncreLoRA's "advance learning")."""
+    def _refill_advance(self, k, keep=None):
+        """An advance block of size k, trained ahead of its growth under the frozen core entry ADVANCE_EPS
+        (IncreLoRA's "advance learning"): the rows of the old block from `keep` on (those a smaller growth
+        did not take: dW keeps their term), then fresh ones, A_next ~ N(0, init_std^2) and B_next = 0."""
         d_out, d_in = self.base.weight.shape
         w = self.base.weight
+        A_old = self.A_next[keep:] if keep is not None else w.new_zeros(0, d_in)  # (k - keep, d_in)
+        B_old = self.B_next[:, keep:] if keep is not None else w.new_zeros(d_out, 0)
+        fresh = k - len(A_old)
         self.advance = k
-        self.A_next = nn.Parameter(torch.randn(k, d_in, device=w.device, dtype=w.dtype) * self.init_std)  # (k, d_in)
-        self.B_next = nn.Parameter(w.new_zeros(d_out, k))                                                # (d_out, k)
+        A_new = torch.randn(fresh, d_in, device=w.device, dtype=w.dtype) * self.init_std
+        self.A_next = nn.Parameter(torch.cat([A_old, A_new]))                     # (k, d_in)
+        self.B_next = nn.Parameter(torch.cat([B_old, w.new_zeros(d_out, fresh)], dim=1))  # (d_out, k)
 
     def drop_advance(self):
         """Remove the advance block (no growth is left to use it); dW loses its eps-sized term."""
@@ -479,7 +497,7 @@ class RankAllocator:
         allocator = RankAllocator(layers, total_steps=T, warmup=100, interval=10)
         for t in range(1, T + 1):
             loss = model(x, y) + lam * orthogonal_penalty(layers); loss.backward()
-            allocator.before_step(t)           # only needed with block_warmup
+            allocator.before_step(t)           # needed with block_warmup or importance="sensitivity"
             optimizer.step()
             if allocator.step(t, optimizer):   # grown tensors replace the old ones in the optimizer
                 params = [p for p in model.parameters() if p.requires_grad]
@@ -491,7 +509,8 @@ class RankAllocator:
 
         I_bar <- b1 I_bar + (1 - b1) I,   U_bar <- b2 U_bar + (1 - b2) |I - I_bar|,   score = I_bar U_bar
 
-    (U_bar uses the I_bar just updated). block_warmup = N scales the update of a block born after step
+    (U_bar uses the I_bar just updated; before_step() measures I, summed over micro-steps and, through
+    `reduce`, over processes before the abs, so it is the whole batch's). block_warmup = N scales the update of a block born after step
     t0 by min(1, (t - t0) / N) at step t: the learning rate it sees is lr(t) min(1, (t - t0) / N).
     Layers made with advance=k train their next block ahead; once the budget is spent it is dropped.
     `sync`, if given, maps the dict {name: score or N(C)} measured at construction and at every round
@@ -500,7 +519,7 @@ class RankAllocator:
 
     def __init__(self, layers, total_steps, target_total_rank=None, schedule="linear", warmup=0,
                  interval=1, rank_step=None, top_k=1, max_rank=None, sync=None, importance="frobenius",
-                 betas=(0.85, 0.85), block_warmup=0):
+                 betas=(0.85, 0.85), block_warmup=0, reduce=None):
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
         if importance not in IMPORTANCES:
@@ -514,7 +533,7 @@ class RankAllocator:
         self.target_total_rank = target_total_rank or ref_rank * len(self.layers)  # R_target
         self.rank_step = rank_step or max(1, ref_rank // 2)                        # k
         self.sync = sync or (lambda norms: norms)
-        self.betas, self.block_warmup = betas, block_warmup
+        self.betas, self.block_warmup, self.reduce = betas, block_warmup, reduce
         cap = max_rank or float("inf")
         self.caps = {n: min(l.base.in_features, l.base.out_features, cap) for n, l in self.layers.items()}
         if self.total_rank > self.target_total_rank:
@@ -529,6 +548,7 @@ class RankAllocator:
         self.scores = {}
         self.events = []  # (t, name, k) of every growth, in order: what resume replays
         self._young = []  # [(layer, block lo, hi, born t0, saved slices)]: blocks still in their warmup
+        self._sensitivity = None  # (n_layers,) measured by before_step(), used by step()
         self._drop_spent_advance()
 
     @property
@@ -544,7 +564,12 @@ class RankAllocator:
 
     @torch.no_grad()
     def before_step(self, t):
-        """Call right before optimizer step t: remembers the young blocks' values (block_warmup)."""
+        """Call right before optimizer step t, after the backward: measures the sensitivity (it needs the
+        dW that the gradient belongs to) and remembers the young blocks' values (block_warmup)."""
+        if any(l.track_sensitivity for l in self.layers.values()):
+            if self.reduce is not None:  # several processes: each has dL/ddW of its share of the batch
+                self.reduce([l.grad_dW for l in self.layers.values() if l.grad_dW is not None])
+            self._sensitivity = torch.stack([l.take_sensitivity() for l in self.layers.values()])  # (n_layers,)
         self._young = [(l, lo, hi, t0, [p[sl].clone() for p, sl in self._block_slices(l, lo, hi)])
                        for l, lo, hi, t0, _ in self._young if t - t0 < self.block_warmup]
 
@@ -564,18 +589,18 @@ class RankAllocator:
     @torch.no_grad()
     def _observe(self):
         b1, b2 = self.betas
-        I = torch.stack([l.sensitivity for l in self.layers.values()])  # (n_layers,) this step's
+        I, self._sensitivity = self._sensitivity, None  # (n_layers,) this step's, from before_step()
+        if I is None:
+            raise RuntimeError("importance='sensitivity' needs allocator.before_step(t) before optimizer.step()")
         self.I_bar.mul_(b1).add_((1 - b1) * I)
         self.U_bar.mul_(b2).add_((1 - b2) * (I - self.I_bar).abs())
-        for l in self.layers.values():
-            l.sensitivity.zero_()
 
     def step(self, t, optimizer):
         """Call right after optimizer step t (t counts from 1), before zero_grad. Returns the names that
         grew."""
         if self._young:
             self._warm_up_blocks(t)
-        if self.importance == "sensitivity":
+        if self.importance == "sensitivity" and self.total_rank < self.target_total_rank:
             self._observe()
         if t <= self.warmup or t % self.interval or self.total_rank >= self.target_total_rank:
             return []
@@ -624,7 +649,7 @@ class RankAllocator:
         sensitivity is no longer measured once the budget is spent (it decides nothing any more)."""
         if self.total_rank >= self.target_total_rank:
             for layer in self.layers.values():
-                layer.track_sensitivity = False
+                layer.track_sensitivity, layer.grad_dW = False, None
         for name, layer in self.layers.items():
             spent = self.total_rank >= self.target_total_rank or layer.rank >= self.caps[name]
             if getattr(layer, "advance", 0) and spent:

@@ -55,15 +55,35 @@ def test_sensitivity_is_the_sum_of_dW_times_its_gradient_over_sqrt_numel():
     assert torch.equal(y, torch.tensor([[9.0, 12.0]]))
     # loss = y . [1, -1]: dL/ddW = [[1, 1], [-1, -1]], |dW * that| sums to 3 + 6 + 4 + 8 = 21, / sqrt(4)
     (y * torch.tensor([1.0, -1.0])).sum().backward()
-    assert layer.sensitivity.item() == pytest.approx(10.5)
+    assert torch.equal(layer.grad_dW, torch.tensor([[1.0, 1.0], [-1.0, -1.0]]))
+    allocator.before_step(1)
+    assert layer.grad_dW is None  # taken once a step
     allocator.step(1, torch.optim.SGD(layer.parameters(), lr=0.0))
-    # I_bar = 0.15 * 10.5; U_bar = 0.15 * |10.5 - 1.575|
+    # I = 10.5: I_bar = 0.15 * 10.5; U_bar = 0.15 * |10.5 - 1.575|
     assert allocator.I_bar.item() == pytest.approx(1.575) and allocator.U_bar.item() == pytest.approx(1.33875)
-    assert layer.sensitivity.item() == 0.0  # read and reset once a step
     (layer(x) * torch.tensor([1.0, -1.0])).sum().backward()
+    allocator.before_step(2)
     allocator.step(2, torch.optim.SGD(layer.parameters(), lr=0.0))
     # I_bar = 0.85 * 1.575 + 1.575 = 2.91375; U_bar = 0.85 * 1.33875 + 0.15 * |10.5 - 2.91375| = 2.275875
     assert allocator.I_bar.item() == pytest.approx(2.91375) and allocator.U_bar.item() == pytest.approx(2.275875)
+
+
+def test_sensitivity_is_the_whole_batchs_under_micro_steps():
+    # |dW * G| of the summed gradient, not the sum of each micro-step's |dW * G_m|: the same score
+    # for one batch as for two halves, each weighted by its share (as train.py's --grad-accum does)
+    torch.manual_seed(0)
+    x, target = torch.randn(8, 2), torch.randn(8, 2)
+    scores = []
+    for halves in (1, 2):
+        layer = sensitivity_layer()
+        allocator = RankAllocator({"l": layer}, total_steps=100, target_total_rank=2, warmup=50,
+                                  importance="sensitivity")
+        for xm, tm in zip(x.chunk(halves), target.chunk(halves)):
+            ((layer(xm) - tm) ** 2).mean().div(halves).backward()
+        allocator.before_step(1)
+        allocator.step(1, torch.optim.SGD(layer.parameters(), lr=0.0))
+        scores.append(allocator.I_bar.item())
+    assert scores[0] == pytest.approx(scores[1], rel=1e-6) and scores[0] > 0
 
 
 def test_sensitivity_rounds_grow_the_top_k_matrices():
@@ -71,7 +91,8 @@ def test_sensitivity_rounds_grow_the_top_k_matrices():
     allocator = RankAllocator(layers, total_steps=10, schedule="topk", top_k=2, rank_step=1, warmup=0,
                               importance="sensitivity", betas=(0.5, 0.5))
     for layer, value in zip(layers.values(), (1.0, 3.0, 2.0)):
-        layer.sensitivity.fill_(value)
+        layer.take_sensitivity = lambda value=value: torch.tensor(value)
+    allocator.before_step(1)
     # one step: I_bar = I / 2, U_bar = |I - I / 2| / 2, so score = I^2 / 8: 0.125, 1.125, 0.5
     grown = allocator.step(1, torch.optim.SGD([p for l in layers.values() for p in l.parameters()], lr=0.1))
     assert grown == ["b", "c"] and allocator.scores == pytest.approx({"a": 0.125, "b": 1.125, "c": 0.5})
@@ -165,6 +186,19 @@ def test_adapter_state_round_trips_the_variants():
         (loaded,) = triadapt.load_adapter(fresh, state, ref_rank=4).values()
         x = torch.randn(3, 8)
         assert torch.equal(loaded(x), layer(x)) and loaded.core_kind == layer.core_kind
+
+
+def test_a_growth_smaller_than_the_advance_block_keeps_the_rest_of_it():
+    torch.manual_seed(0)
+    layer = TriAdaptLinear(linear(8, 6), rank=1, ref_rank=4, advance=3)
+    with torch.no_grad():
+        layer.B_next.normal_()
+    A_next, B_next = layer.A_next.detach().clone(), layer.B_next.detach().clone()
+    before = layer.delta_weight()
+    layer.grow(1)  # takes one row of the advance block; the other two stay in it, trained
+    assert torch.allclose(layer.delta_weight(), before, atol=1e-7)
+    assert torch.equal(layer.A_next[:2], A_next[1:]) and torch.equal(layer.B_next[:, :2], B_next[:, 1:])
+    assert torch.count_nonzero(layer.B_next[:, 2:]) == 0
 
 
 @pytest.mark.parametrize("core", ["triangular", "diagonal"])
