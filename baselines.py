@@ -263,7 +263,8 @@ class AdaLoRAAllocator:
     def step(self, t, optimizer=None):
         """Call right after optimizer step t (t counts from 1), before zero_grad(). Returns the names whose
         live count changed; the optimizer is unused (kept for RankAllocator's protocol)."""
-        self.update_importance()
+        if not self.final_mask_set:  # once the pattern is fixed the scores decide nothing
+            self.update_importance()
         if t <= self.mask_start:
             return []
         if t <= self.mask_end:

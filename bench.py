@@ -3,7 +3,8 @@ Measure TriAdaptLoRA side by side with its baselines, in one run, on this machin
 
     python bench.py speed                 # step time of each method as a ratio to plain LoRA (~minutes on 2 cores)
     python bench.py speed --device cuda
-    python bench.py quality               # 6 methods x 3 seeds on the default task (76 min on 2 shared cores)
+    python bench.py quality               # 11 methods x 3 seeds on the default task (~3.5 h on 2 cores)
+    python bench.py quality --methods adalora,increlora   # a part of it: the tables keep the other parts
     python bench.py quality --quick       # a smoke run of the same
     python bench.py quality --task cola --methods linear,lora,full,probe   # the small GLUE (cola, pairs, package)
     python bench.py gpu                   # the GPU check: short runs on cuda, then speed and memory (< 5 min)
@@ -11,16 +12,19 @@ Measure TriAdaptLoRA side by side with its baselines, in one run, on this machin
 speed: on the default model shape and a wider one, the median time of one full training step
 (forward, backward, AdamW) for plain LoRA at rank r, TriAdaptLoRA at rank r (one block, and
 grown in blocks 1 + k + ...), a variant that materializes dW = s B C A on every call (as the
-authors' code does), and full fine-tuning; all on the same batches, interleaved step by step so
-that machine noise hits every method alike. Then the time the allocator's rounds take as a
-fraction of a fine-tuning run.
+authors' code does), AdaLoRA and IncreLoRA (with their per-step allocator work), and full
+fine-tuning; all on the same batches, interleaved step by step so that machine noise hits every
+method alike. Then the time the allocator's rounds take as a fraction of a fine-tuning run.
 
-quality: one shared base model; linear, exponential and topk growth, plain LoRA at r_ref, plain
-LoRA at the rank whose parameter count is closest to the linear run's final count, and full
-fine-tuning, each for several seeds with the same steps and learning-rate schedule (train.py's
-finetune()). Reports the test split (never used to choose anything), mean +- std over seeds, and
-the fraction of the base-to-full gap each method closes; <out-dir>/bench_quality_<task>.svg draws
-the val-loss curves and the final test metric of every method (plot.py).
+quality: one shared base model; the methods of METHODS (linear, exponential and topk growth, plain
+LoRA at r_ref and at the rank whose parameter count is closest to the linear run's final count,
+AdaLoRA, IncreLoRA, full fine-tuning, and the ablation grid on the linear schedule) and any
+--variant, each for several seeds with the same steps and learning-rate schedule (train.py's
+finetune()). Reports the test split (never used to choose anything), mean +- std over seeds (the
+std is the stability), the fraction of the base-to-full gap each method closes, the parameters at
+the end and the most held, and ms/step over LoRA's; <out-dir>/bench_quality_<task>.svg draws the
+val-loss curves and the final test metric of every method (plot.py). --task cola|pairs|package runs
+the understanding tasks (the head-only probe is a row) and prints a GLUE-style table of them all.
 """
 import argparse
 import collections
@@ -142,7 +146,7 @@ def make_variant(name, config, rank, rank_step, device, batches):
         opt = adamw([p for p in model.parameters() if p.requires_grad])
         return model, layers, WithAllocator(opt, baselines.AdaLoRAAllocator(layers, 10 ** 6, init_warmup=10 ** 5))
     elif name == "increlora (growing)":
-        layers = triadapt.inject(model, targets, rank=rank, ref_rank=rank, core="diagonal")
+        layers = triadapt.inject(model, targets, rank=rank, ref_rank=rank, core="diagonal", advance=rank_step)
         opt = adamw([p for p in model.parameters() if p.requires_grad])
         alloc = triadapt.RankAllocator(layers, 10 ** 6, target_total_rank=10 ** 6, warmup=10 ** 5,
                                        importance="sensitivity")

@@ -29,6 +29,7 @@ TRAJECTORY = ("arch", "task", "n_layer", "n_head", "n_embd", "block_size", "data
 ADAPTER_TRAJECTORY = ("targets", "ref_rank", "alpha")                     # lora and the growing schedules
 GROWTH_TRAJECTORY = ("init_rank", "rank_step", "budget", "max_rank", "warmup", "interval", "top_k", "orth_reg",
                      "core", "importance", "block_warmup", "advance")
+INCRELORA_FIXED = ("core", "importance", "advance")  # increlora's own choices, whatever the flags say
 ADALORA_TRAJECTORY = ("budget", "warmup", "interval", "orth_reg", "adalora_init_rank", "final_warmup")
 PRETRAIN_TRAJECTORY = ("base_data", "pretrain_iters", "pretrain_lr")  # they make the base, unless --init-from
 
@@ -215,6 +216,11 @@ def validate(args, explicit=()):
         raise UsageError(f"budget {args.budget_total} is below the initial total rank {args.init_rank} x "
                          f"{n_matrices} matrices = {args.init_rank * n_matrices}")
     check_adalora(args)
+    ablation = [flag(k) for k, v in (("core", args.core != "triangular"), ("importance", args.importance != "frobenius"),
+                                    ("advance", args.advance)) if v]
+    if ablation and not set(args.schedules) & set(triadapt.SCHEDULES):
+        raise UsageError(f"{ablation[0]} changes the linear, exponential and topk schedules only "
+                         f"(increlora has its own choices)")
     validate_processes(args)
     # data files: read once here, so that a bad file costs nothing
     args.finetune_text = args.base_text = None
@@ -328,7 +334,8 @@ def run_status(args, schedule):
 def check_same_settings(saved, args, path, schedule):
     keys = TRAJECTORY + (() if args.init_from else PRETRAIN_TRAJECTORY)
     keys += ADAPTER_TRAJECTORY if schedule != "full" else ()
-    keys += GROWTH_TRAJECTORY if schedule in GROWING else ()
+    keys += GROWTH_TRAJECTORY if schedule in triadapt.SCHEDULES else ()
+    keys += tuple(k for k in GROWTH_TRAJECTORY if k not in INCRELORA_FIXED) if schedule == "increlora" else ()
     keys += ADALORA_TRAJECTORY if schedule == "adalora" else ()
     defaults = build_parser()
     for key in keys:
@@ -340,6 +347,8 @@ def check_same_settings(saved, args, path, schedule):
 def run_name(args, schedule):
     """The schedule, with the growth options that differ from TriAdaptLoRA's defaults: linear-diagonal,
     linear-sensitivity-bw20-advance, ... (so variants share an --out-dir without mixing)."""
+    if schedule == "increlora" and args.block_warmup not in (None, 10):
+        return f"increlora-bw{args.block_warmup}"
     if schedule not in triadapt.SCHEDULES:
         return schedule
     parts = [schedule] + [v for v, default in ((args.core, "triangular"), (args.importance, "frobenius"))
