@@ -126,18 +126,9 @@ class AdaLoRALinear(nn.Module):
         h = (x @ self.A.t()) * self.E               # (..., r)
         return y + h @ (self.scale * self.B).t()    # (..., d_out), s on the small factor
 
-    @torch.no_grad()
-    def merge(self):
-        """W <- W + dW, for inference; forward() then skips the adapter."""
-        if not self.merged:
-            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self):
-        if self.merged:
-            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
-            self.merged = False
+    # W <- W + dW and back, exactly as TriAdaptLinear does it (they need only base, merged, delta_weight)
+    merge = triadapt.TriAdaptLinear.merge
+    unmerge = triadapt.TriAdaptLinear.unmerge
 
     def extra_repr(self):
         return (f"d_in={self.base.in_features}, d_out={self.base.out_features}, "

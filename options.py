@@ -216,8 +216,9 @@ def validate(args, explicit=()):
         raise UsageError(f"budget {args.budget_total} is below the initial total rank {args.init_rank} x "
                          f"{n_matrices} matrices = {args.init_rank * n_matrices}")
     check_adalora(args)
-    ablation = [flag(k) for k, v in (("core", args.core != "triangular"), ("importance", args.importance != "frobenius"),
-                                    ("advance", args.advance)) if v]
+    changed = (("core", args.core != "triangular"), ("importance", args.importance != "frobenius"),
+               ("advance", args.advance))
+    ablation = [flag(k) for k, v in changed if v]
     if ablation and not set(args.schedules) & set(triadapt.SCHEDULES):
         raise UsageError(f"{ablation[0]} changes the linear, exponential and topk schedules only "
                          f"(increlora has its own choices)")

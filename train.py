@@ -680,7 +680,8 @@ def save_adapter(args, run, folder, base_ckpt):
     is the whole state_dict."""
     model, full = run.model, run.extra["schedule"] == "full"
     head = model.cls_head.state_dict() if model.cls_head is not None and not full else None
-    adapter = {"format": ADAPTER_FORMAT, "schedule": run.extra["schedule"], "run": run.name, "arch": args.arch, "task": args.task,
+    adapter = {"format": ADAPTER_FORMAT, "schedule": run.extra["schedule"], "run": run.name, "arch": args.arch,
+               "task": args.task,
                "targets": list(args.target_list), "alpha": args.alpha, "ref_rank": args.ref_rank,
                "n_classes": model.config.n_classes, "model_config": asdict(model.config),
                "layers": triadapt.adapter_state(run.layers),  # {name: block_sizes (or rank) and factors}

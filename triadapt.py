@@ -510,8 +510,9 @@ class RankAllocator:
         I_bar <- b1 I_bar + (1 - b1) I,   U_bar <- b2 U_bar + (1 - b2) |I - I_bar|,   score = I_bar U_bar
 
     (U_bar uses the I_bar just updated; before_step() measures I, summed over micro-steps and, through
-    `reduce`, over processes before the abs, so it is the whole batch's). block_warmup = N scales the update of a block born after step
-    t0 by min(1, (t - t0) / N) at step t: the learning rate it sees is lr(t) min(1, (t - t0) / N).
+    `reduce`, over processes before the abs, so it is the whole batch's). block_warmup = N scales the
+    update of a block born after step t0 by min(1, (t - t0) / N) at step t: the learning rate it sees is
+    lr(t) min(1, (t - t0) / N).
     Layers made with advance=k train their next block ahead; once the budget is spent it is dropped.
     `sync`, if given, maps the dict {name: score or N(C)} measured at construction and at every round
     to the dict used (e.g. rank 0's values broadcast to every process, so all make the same decision).
