@@ -4,6 +4,8 @@ Pretrain a small transformer, then fine-tune it through growing triangular adapt
     python train.py                                    # CPU-sized defaults, a few minutes on 2 cores
     python train.py --schedule linear --device cuda    # the same run on a GPU
     python train.py --schedule linear,lora,full --iters 200   # several methods, one comparison table
+    python train.py --schedule linear,adalora,increlora       # the paper's competitors
+    python train.py --core diagonal --importance sensitivity  # TriAdaptLoRA without its two ideas
     python train.py --arch encoder --task cola         # BERT-style encoder: cola, pairs or package
     torchrun --standalone --nproc_per_node=2 train.py  # the same run on 2 processes (DDP)
 
