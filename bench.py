@@ -122,6 +122,8 @@ class WithAllocator:
         return self.opt.param_groups
 
     def step(self):
+        if hasattr(self.allocator, "before_step"):
+            self.allocator.before_step(1)
         self.opt.step()
         self.allocator.step(1, self.opt)
 
