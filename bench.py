@@ -46,6 +46,7 @@ import data
 import baselines
 import options
 import plot
+import report
 import train
 import triadapt
 from model import GPT, GPTConfig
@@ -602,7 +603,7 @@ def quality_picture(results, path):
     base = results["base"]
     reference = ("base (no fine-tuning)", base["test_loss"]) if base else None
     svg = plot.comparison(results["methods"], f"bench.py quality: the {results['task']} task", reference)
-    train.save_text(svg, path)
+    report.save_text(svg, path)
 
 
 def main(argv=None):
@@ -691,7 +692,7 @@ def run_bench(args):
     results = quality(args)
     steps = args.iters if not args.quick else 60
     path = os.path.join(args.out_dir, f"bench_quality_{args.task}.json")
-    train.save_json(results, path)  # before the tables: what ran is kept whatever they do
+    report.save_json(results, path)  # before the tables: what ran is kept whatever they do
     print(f"\nquality on the {args.task} task, {args.seeds} seeds, {steps} steps each; test split; "
           f"machine: {results['machine']}; {time.time() - t0:.0f} s in all")
     print(accuracy_table(results) if args.task != "lm" else quality_table(results))

@@ -370,3 +370,8 @@ def make_out_dir(args):
         os.makedirs(args.out_dir, exist_ok=True)
     except OSError as e:
         raise UsageError(f"--out-dir {args.out_dir} cannot be created: {e.strerror}") from None
+
+
+def public_args(args):
+    """The settings a checkpoint and metrics.json keep: every flag, without the corpora's text."""
+    return {k: v for k, v in vars(args).items() if k not in ("finetune_text", "base_text", "status")}

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import report
 import train
 import triadapt
 from model import GPT, GPTConfig
@@ -108,8 +109,8 @@ def read_adapter(run):
     if not os.path.exists(path):
         raise UsageError(f"run folder {run} holds no adapter.pt (train.py writes it when a run finishes)")
     adapter = train.load_checkpoint(path, "adapter")
-    if not isinstance(adapter, dict) or adapter.get("format") != train.ADAPTER_FORMAT:
-        raise UsageError(f"{path} is not an adapter file of this version ({train.ADAPTER_FORMAT})")
+    if not isinstance(adapter, dict) or adapter.get("format") != report.ADAPTER_FORMAT:
+        raise UsageError(f"{path} is not an adapter file of this version ({report.ADAPTER_FORMAT})")
     return adapter, path
 
 
@@ -133,7 +134,7 @@ def read_base(adapter, adapter_path, base=None):
         raise UsageError(f"base checkpoint {path}, recorded in {adapter_path}, does not exist "
                          f"(give one with --base)")
     ckpt = read_plain_checkpoint(path, "base checkpoint")
-    found = train.state_fingerprint(ckpt["model"])
+    found = report.state_fingerprint(ckpt["model"])
     if found != adapter["base_fingerprint"]:
         raise UsageError(f"base checkpoint {path} is not the base of {adapter_path}: its weights' fingerprint "
                          f"is {found[:12]}, the adapter's base has {adapter['base_fingerprint'][:12]}")
@@ -154,7 +155,7 @@ def model_from_adapter(adapter, base_ckpt, adapter_path="adapter"):
             if unexpected or any(not k.startswith("cls_head.") for k in missing):
                 raise ValueError(f"{len(missing)} missing and {len(unexpected)} unexpected keys in the base")
             triadapt.load_adapter(model, adapter["layers"], adapter["alpha"], adapter["ref_rank"],
-                                  builders=train.ADAPTER_BUILDERS)
+                                  builders=report.ADAPTER_BUILDERS)
             if adapter["cls_head"] is not None:
                 model.cls_head.load_state_dict(adapter["cls_head"])
     except (ValueError, RuntimeError, KeyError) as e:
@@ -239,8 +240,8 @@ def run(args):
         task = read_plain_checkpoint(args.merged, "merged checkpoint").get("task")
     source = args.run or args.merged
     if args.export:
-        train.atomic_save({**merged_checkpoint(model), "merged_from": args.run, "task": task}, args.export)
-        size = train.human_size(os.path.getsize(args.export))
+        report.atomic_save({**merged_checkpoint(model), "merged_from": args.run, "task": task}, args.export)
+        size = report.human_size(os.path.getsize(args.export))
         what = "the fully fine-tuned model" if adapter["schedule"] == "full" else f"{len(adapter['layers'])} adapters"
         print(f"merged {what} of {args.run} into {args.export} ({size}); fine-tune it further with: "
               f"python train.py --init-from {args.export}")

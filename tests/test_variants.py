@@ -1,6 +1,5 @@
 """The growth variants of triadapt.py, on tiny hand-checkable cases: the diagonal core (IncreLoRA's),
 sensitivity importance, block warmup and advance learning."""
-import math
 
 import pytest
 import torch
