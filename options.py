@@ -106,8 +106,9 @@ def build_parser():
     p.add_argument("--max-rank", type=int, default=None,
                    help="per-matrix rank cap (default min(d_in, d_out))")
     p.add_argument("--alpha", type=float, default=16.0, help="adapter scale numerator: s = alpha / r_ref")
-    p.add_argument("--warmup", type=int, default=50, help="t_w: no allocation round before this step")
-    p.add_argument("--interval", type=int, default=10, help="dt: steps between allocation rounds")
+    p.add_argument("--warmup", type=int, default=20,
+                   help="t_w: no allocation round before this step (AdaLoRA: t_i, its pruning's start)")
+    p.add_argument("--interval", type=int, default=5, help="dt: steps between allocation rounds")
     p.add_argument("--top-k", type=int, default=4, help="K_fixed of the topk schedule")
     p.add_argument("--core", default="triangular", choices=triadapt.CORES,
                    help="ablation: the core C of the growing schedules; diagonal is diag(lambda), as IncreLoRA's")
