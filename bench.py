@@ -428,17 +428,11 @@ def quality(args):
                "metric": data.GLUE_TASK_CLASSES[args.task].metric if classify else "loss",
                "base": None if classify else base_losses(base, ft_splits, base_args)}
     # a bench split over several commands: the others' methods stay in the tables, if they ran alike
+    # train.py's defaults too: rows made before a default changed are not comparable with new ones
     results["settings"] = {"iters": args.iters, "quick": args.quick, "train_args": args.train_args,
-                           "first_seed": args.first_seed}
-    previous = os.path.join(args.out_dir, f"bench_quality_{args.task}.json")
-    if os.path.exists(previous):
-        with open(previous) as f:
-            earlier = json.load(f)
-        if earlier.get("settings") == results["settings"]:
-            results["methods"] = earlier["methods"]
-        else:
-            print(f"note: {previous} was made with other settings ({earlier.get('settings')}); "
-                  f"its methods are left out of the tables and the file is replaced")
+                           "first_seed": args.first_seed, "train_defaults": vars(options.build_parser().parse_args([]))}
+    results["methods"] = earlier_methods(os.path.join(args.out_dir, f"bench_quality_{args.task}.json"),
+                                         results["settings"])
 
     def run(label, schedule, *extra):
         runs = []
@@ -467,6 +461,21 @@ def quality(args):
         else:
             run(name, *args.variants[name])
     return results
+
+
+def earlier_methods(path, settings):
+    """The methods of an earlier bench JSON at `path`, if it ran with the same settings; else {}."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        earlier = json.load(f)
+    if earlier.get("settings") == settings:
+        return earlier["methods"]
+    changed = sorted(k for k in set(settings) | set(earlier.get("settings") or {})
+                     if settings.get(k) != (earlier.get("settings") or {}).get(k))
+    print(f"note: {path} was made with other settings ({', '.join(changed)}); "
+          f"its methods are left out of the tables and the file is replaced")
+    return {}
 
 
 def base_losses(base_ckpt, ft_splits, args):

@@ -41,3 +41,16 @@ def test_bad_flags_are_one_line_and_exit_2(tmp_path, capsys, flags, message):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_earlier_json_is_kept_only_under_the_same_settings_and_train_defaults(tmp_path, capsys):
+    path = tmp_path / "bench_quality_lm.json"
+    settings = {"iters": 600, "quick": False, "train_args": [], "first_seed": 0,
+                "train_defaults": {"warmup": 20, "interval": 5}}
+    path.write_text(json.dumps({"settings": settings, "methods": {"linear": [{"val_loss": 1.3}]}}))
+    assert bench.earlier_methods(str(path), settings) == {"linear": [{"val_loss": 1.3}]}
+    # a train.py default that changed since (here the growth timing) makes the old rows incomparable
+    moved = {**settings, "train_defaults": {"warmup": 50, "interval": 5}}
+    assert bench.earlier_methods(str(path), moved) == {}
+    assert "other settings (train_defaults)" in capsys.readouterr().out
+    assert bench.earlier_methods(str(tmp_path / "none.json"), settings) == {}
