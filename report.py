@@ -49,6 +49,8 @@ def save_text(text, path):
 
 
 def report(args, run, folder, base_ckpt):
+    """Evaluate the finished run on val and test, write its three files, print its summary; returns
+    the metrics."""
     model, layers, task, before = run.model, run.layers, run.task, run.extra["before"]
     val, test = task.evaluate(model, "val"), task.evaluate(model, "test")
     metrics = {"schedule": run.extra["schedule"], "run": run.name, "val_loss_before": before["loss"],
