@@ -469,10 +469,10 @@ def earlier_methods(path, settings):
         return {}
     with open(path) as f:
         earlier = json.load(f)
-    if earlier.get("settings") == settings:
+    before = earlier.get("settings") or {}
+    if before == settings:
         return earlier["methods"]
-    changed = sorted(k for k in set(settings) | set(earlier.get("settings") or {})
-                     if settings.get(k) != (earlier.get("settings") or {}).get(k))
+    changed = sorted(k for k in set(settings) | set(before) if settings.get(k) != before.get(k))
     print(f"note: {path} was made with other settings ({', '.join(changed)}); "
           f"its methods are left out of the tables and the file is replaced")
     return {}

@@ -15,7 +15,8 @@ base corpus, or reuse the one saved under --out-dir/base for the same settings; 
 
     loss = task_loss + orth_reg * R_orth            # R_orth only for the triangular schedules
     lr(t) = linear warmup, then cosine decay to lr / 10, set on every param group each step
-    allocator.step(t, optimizer)                    # may grow ranks; new blocks join the optimizer
+    allocator.before_step(t)                        # sensitivity, read before the update moves dW
+    optimizer.step(); allocator.step(t, optimizer)  # may grow ranks; new blocks join the optimizer
 
 then print the losses, the trainable parameters and the final rank of every adapted matrix, and
 write <out-dir>/<run>/metrics.json, report.svg and adapter.pt (report.py) and ckpt.pt; several
