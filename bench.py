@@ -139,7 +139,7 @@ def make_variant(name, config, rank, rank_step, device, batches):
     a diagonal core of the full rank that measures its sensitivity every step, as while it grows."""
     torch.manual_seed(0)
     model = GPT(config).to(device)
-    targets = list(train.TARGETS)
+    targets = list(options.TARGETS)
     layers = {}
     if name == "lora":
         triadapt.inject(model, targets, layer_cls=triadapt.LoRALinear, rank=rank)
@@ -215,7 +215,7 @@ def allocator_fraction(config, args, steps=120):
     """Seconds spent in RankAllocator.step over seconds of the whole loop, in a short real fine-tune."""
     torch.manual_seed(0)
     model = GPT(config).to(args.device)
-    layers = triadapt.inject(model, list(train.TARGETS), rank=1, ref_rank=args.rank)
+    layers = triadapt.inject(model, list(options.TARGETS), rank=1, ref_rank=args.rank)
     opt = adamw([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     alloc = triadapt.RankAllocator(layers, total_steps=steps, warmup=10, interval=10)
     g = torch.Generator().manual_seed(0)

@@ -54,3 +54,16 @@ def test_an_earlier_json_is_kept_only_under_the_same_settings_and_train_defaults
     assert bench.earlier_methods(str(path), moved) == {}
     assert "other settings (train_defaults)" in capsys.readouterr().out
     assert bench.earlier_methods(str(tmp_path / "none.json"), settings) == {}
+
+
+def test_every_speed_variant_builds_and_the_grown_ones_reach_the_budget():
+    # bench.py speed and gpu build these; a tiny shape keeps it cheap. 1 layer x 6 matrices at rank 4.
+    config = bench.GPTConfig(n_layer=1, n_embd=32, n_head=2, block_size=16)
+    batches = bench.make_batches(config, 4, "cpu")
+    names = ["lora", "tri (1 block)", "tri (grown)", "materialized", "adalora", "increlora (growing)", "full"]
+    built = {v: bench.make_variant(v, config, 4, 2, "cpu", batches) for v in names}
+    ranks = {v: sum(l.rank for l in layers.values()) for v, (_, layers, _) in built.items()}
+    assert ranks == {"lora": 0, "tri (1 block)": 24, "tri (grown)": 24, "materialized": 24, "adalora": 36,
+                     "increlora (growing)": 24, "full": 0}  # lora's layers are not TriAdapt ones: none listed
+    ops = bench.op_counts({v: built[v] for v in ("lora", "tri (grown)", "full")}, batches[0])
+    assert ops["full"] < ops["lora"] < ops["tri (grown), no R_orth"] < ops["tri (grown)"]

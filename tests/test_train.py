@@ -375,10 +375,14 @@ def test_non_finite_loss_stops_the_run(tmp_path, base, capsys):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_run_with_bf16(tmp_path, base):
-    assert run(tmp_path, "--schedule", "linear,lora", "--device", "cuda", base=base) == 0
+    # bf16 autocast against float32 on the same GPU (same random numbers): on an H200 the two val losses
+    # of a longer run agreed to 1e-4; 40 steps of this tiny model only move val by 0.005 to 0.02.
+    for dtype in ("bf16", "float32"):
+        assert run(tmp_path / dtype, "--schedule", "linear,lora", "--device", "cuda", "--dtype", dtype, base=base) == 0
     for schedule in ("linear", "lora"):
-        m = metrics(tmp_path, schedule)
-        assert m["config"]["dtype"] == "bf16" and m["val_loss"] < m["val_loss_before"] - 0.02
+        m, m32 = metrics(tmp_path / "bf16", schedule), metrics(tmp_path / "float32", schedule)
+        assert m["config"]["dtype"] == "bf16" and m["val_loss"] < m["val_loss_before"]
+        assert abs(m["val_loss"] - m32["val_loss"]) < 0.01
 
 
 def test_tiny_classification_beats_chance(tmp_path, capsys):
