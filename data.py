@@ -14,10 +14,10 @@ sha256 of the text it was built from: a changed source rebuilds the cache.
 
 For the encoder, a small GLUE cut from the standard library (GLUE_TASKS, glue_splits): cola, does this
 snippet of Python parse (real statements against the same kind after one token-level corruption; Matthews
-correlation, as CoLA); pairs, is this docstring this function's (the other docstrings come from the same
-file; accuracy and F1, as MRPC); package, which of 8 packages a snippet comes from (accuracy). All share
-one split of the files (stdlib_split_of): no file is in two splits, and the encoder pretrains on none of
-their val and test files (glue_holdout_files).
+correlation, as CoLA); pairs, is this statement from the body of the function whose signature is shown (the
+other signatures come from the same file; accuracy and F1, as MRPC, QNLI); package, which of 8 packages a
+snippet comes from (accuracy). All share one split of the files (stdlib_split_of): no file is in two
+splits, and the encoder pretrains on none of their val and test files (glue_holdout_files).
 
 The tasks at the end (LMTask, MLMTask, ClassifyTask and its ColaTask and PairsTask) are what the training
 loop talks to: a batch drawn on the CPU, the number of targets in a slice of it (its weight in the batch's
@@ -301,16 +301,16 @@ def classification_holdout_files():
 
 GLUE_TASKS = {  # name -> what the encoder is asked: a small GLUE, cut from the standard library
     "cola": "acceptability (as CoLA): does this snippet of Python parse? metric: Matthews correlation",
-    "pairs": "pair matching (as MRPC, QNLI): is this docstring this function's? metrics: accuracy, F1",
+    "pairs": "pair matching (as MRPC, QNLI): is this statement from this function's body? metrics: accuracy, F1",
     "package": "which of 8 standard-library packages is this snippet from? metric: accuracy",
 }
 PAD = 32        # rows are right-padded with spaces: a common byte, and trailing spaces never change a parse
-QUOTA = {"train": 4000, "val": 1000, "test": 1000}  # examples per split at most, as many of each label
-PER_FILE = 40   # examples drawn from one file at most: no file dominates a split
+QUOTA = {"train": 100_000, "val": 1000, "test": 1000}  # rows per split at most, as many of each label
+PER_FILE = {"val": 40, "test": 40}  # rows from one file at most: no file dominates val or test (train: all)
 Example = collections.namedtuple("Example", "text label file line note")
 Example.__doc__ = """One example, as text before clipping and padding. line: where in file the snippet
-(cola, package) or the function (pairs) starts. note: cola, the corruption of a negative ("" for a
-positive); pairs, the line of the function whose docstring is shown (== line for a positive)."""
+(cola, package) or the statement (pairs) starts. note: cola, the corruption of a negative ("" for a
+positive); pairs, the def line of the function whose signature is shown."""
 
 
 def fits(text, block_size):
@@ -340,9 +340,10 @@ def file_order(split):
 @functools.lru_cache(maxsize=None)
 def outline(path):
     """(lines, statements, functions) of one source file, from its one ast.parse (kept: the tasks share
-    it). A statement is (first line, last line, column, its bodies of statements); a function, one whose
-    docstring has lines of its own and code after it, is (def line, last line, the docstring's first and
-    last lines, column, the docstring's first paragraph on one line)."""
+    it). A statement is (first line, last line, column, its bodies of statements); a function with
+    parameters other than self and cls is (def line, last line, its signature without defaults and
+    annotations, those parameters, its body's one-line statements outside nested classes and functions
+    as (line, text, the names it reads or writes))."""
     try:
         src = open(path, "rb").read().decode("utf-8")
         tree = ast.parse(src)
@@ -350,19 +351,34 @@ def outline(path):
         return (), (), ()
     lines, functions = tuple(src.replace("\r\n", "\n").replace("\r", "\n").split("\n")), []
 
+    def one_liners(body):
+        for node in body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                continue
+            subs = [getattr(node, f, None) or [] for f in ("body", "orelse", "finalbody")]
+            subs += [h.body for h in getattr(node, "handlers", [])] + [c.body for c in getattr(node, "cases", [])]
+            if any(subs):
+                yield from (s for sub in subs for s in one_liners(sub))
+            elif node.lineno == node.end_lineno and not (isinstance(node, ast.Expr)
+                                                         and isinstance(node.value, ast.Constant)):
+                text = lines[node.lineno - 1].encode()[node.col_offset:node.end_col_offset].decode()
+                names = frozenset(n.id for n in ast.walk(node) if isinstance(n, ast.Name))
+                yield node.lineno, text, names
+
     def statement(node):
         subs = [getattr(node, f, None) or [] for f in ("body", "orelse", "finalbody")]
         subs += [h.body for h in getattr(node, "handlers", [])]  # try: except
         subs += [c.body for c in getattr(node, "cases", [])]  # match: case
-        doc = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and ast.get_docstring(node)
-        if doc and len(node.body) > 1:
-            d = node.body[0]
-            alone = (not lines[d.lineno - 1][:d.col_offset].strip()
-                     and not lines[d.end_lineno - 1].encode()[d.end_col_offset:].strip())
-            summary = " ".join(doc.strip().split("\n\n")[0].split())
-            if alone and len(summary) >= 10:
-                functions.append((node.lineno, node.end_lineno, d.lineno, d.end_lineno, node.col_offset,
-                                  summary))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            a = node.args
+            shown = [x.arg for x in a.posonlyargs + a.args] + (["*" + a.vararg.arg] if a.vararg else
+                                                                 ["*"] if a.kwonlyargs else [])
+            shown += [x.arg for x in a.kwonlyargs] + (["**" + a.kwarg.arg] if a.kwarg else [])
+            params = tuple(x.lstrip("*") for x in shown if x.lstrip("*") not in ("", "self", "cls"))
+            if params:
+                signature = f"def {node.name}({', '.join(shown)}):"
+                body = tuple(b for b in one_liners(node.body) if b[0] > node.lineno)  # not 'def f(x): return x'
+                functions.append((node.lineno, node.end_lineno, signature, params, body))
         bodies = tuple(tuple(map(statement, s)) for s in subs if s)
         return node.lineno, node.end_lineno, node.col_offset, bodies
 
@@ -476,7 +492,7 @@ def cola_pair(lines, window, rng, block_size):
 
 def cola_split(split, block_size, quota):
     """quota // 2 pairs (positive, negative) of the same length in bytes, so that length tells nothing.
-    Windows are drawn file by file (PER_FILE at most); each is kept whole (a positive) or corrupted (a
+    Windows are drawn file by file (PER_FILE at most in val and test); each is kept whole (a positive) or corrupted (a
     negative), whichever completes a pair with one waiting, else either at random."""
     waiting, pairs = ({}, {}), []  # by length: the negatives, the positives without a partner yet
     for path, seed in file_order(split):
@@ -484,7 +500,7 @@ def cola_split(split, block_size, quota):
         rng = np.random.default_rng([seed, block_size])
         windows, drawn = cola_windows(lines, stmts, rng, block_size), 0
         for i in rng.permutation(len(windows)):
-            if drawn == PER_FILE or len(pairs) == quota // 2:
+            if drawn == PER_FILE.get(split) or len(pairs) == quota // 2:
                 break
             made = cola_pair(lines, windows[i], rng, block_size)
             if made is None:
@@ -505,41 +521,59 @@ def cola_split(split, block_size, quota):
     return [e for pair in pairs for e in pair]  # positive, negative, positive, ...
 
 
-# --- pairs: a function's code under its own docstring, or under another one from the same file
+# --- pairs: a function's signature over a line of its own body, or of another function's in the same file
 
-def pair_text(summary, lines, function, block_size):
-    """'# <summary>\\n<code>' clipped to block_size bytes: the docstring's first paragraph as a comment
-    (half the block at most), then the function's code from its def line on, without its docstring and
-    without blank lines."""
-    first, last, doc_first, doc_last, col, _ = function
-    code, size = [], 0
-    for n in range(first, last + 1):
-        line = lines[n - 1]
-        if size > block_size:  # enough to fill the block
-            break
-        if not doc_first <= n <= doc_last and line.strip():
-            code.append(line[col:] if not line[:col].strip() else line.lstrip())
-            size += len(code[-1]) + 1
-    return fits(fits("# " + summary, block_size // 2) + "\n" + "\n".join(code), block_size)
+def pair_text(function, line):
+    """'def f(a, *b, c):\\n    <statement>': a function's signature over one statement, as if its body."""
+    return function[2] + "\n    " + line[1]
+
+
+def evident(params):
+    """The parameters whose use a reader can see at a glance: names of 3 characters or more (one letter
+    like x appears everywhere)."""
+    return {p for p in params if len(p) >= 3}
 
 
 def pairs_split(split, block_size, quota):
-    """Per file, its documented functions (one per summary) in a random order, PER_FILE // 2 at most, each
-    twice: under its own docstring (1), and under the docstring of the next one in that order, the last
-    under the first's (0). So each docstring and each function's code are shown once with either label,
-    and a docstring and code shown together come from the same file."""
+    """Rows of (function, statement), the statement one that uses a parameter of its function. Per file,
+    in rounds: each function with such a statement left draws one at random, in a random order, and
+    a chain keeps those whose statement fits under the next one's signature too and uses none of its
+    parameters (so that the label is what the text says); the chain closes on its first. Each function
+    kept gives two rows: its statement under its own signature (1), and under the next one's (0). So in
+    a round every signature and every statement is shown once with either label, and the two always
+    come from the same file. The rounds go on until no chain forms (PER_FILE rows a file in val, test)."""
     out = []
     for path, seed in file_order(split):
-        lines, _, functions = outline(path)
-        functions = list({f[-1]: f for f in functions}.values())
-        order = np.random.default_rng(seed).permutation(len(functions))
-        functions = [functions[i] for i in order[:min(PER_FILE, quota - len(out)) // 2]]
-        if len(functions) < 2:
-            continue
-        for j, f in enumerate(functions):
-            doc = functions[(j + 1) % len(functions)]
-            out.append(Example(pair_text(f[-1], lines, f, block_size), 1, path, f[0], f[0]))
-            out.append(Example(pair_text(doc[-1], lines, f, block_size), 0, path, f[0], doc[0]))
+        _, _, functions = outline(path)
+        rng, room = np.random.default_rng([seed, block_size]), PER_FILE.get(split, quota)
+        left = {f: [s for s in f[4] if evident(f[3]) & s[2] and len(pair_text(f, s).encode()) <= block_size]
+                for f in functions}
+        left = {f: [ss[i] for i in rng.permutation(len(ss))] for f, ss in left.items() if ss}
+
+        def fits_under(a, b):
+            """a's statement under b's signature: it fits, lies outside b (b may be a nested function's
+            outer one), and uses none of b's parameters."""
+            (first, last, _, params, _), (line, text, names) = b[0], a[1]
+            size, seen = len(pair_text(b[0], a[1]).encode()), set(params) & names or any(p in text for p in evident(params))
+            return size <= block_size and not first < line <= last and not seen
+
+        while True:
+            picks = [(f, left[f].pop()) for f in (list(left)[i] for i in rng.permutation(len(left))) if left[f]]
+            chain, most = [], min(room, quota - len(out)) // 2
+            for _ in range(2):  # a second pass over the picks left out
+                rest = []
+                for p in picks:
+                    (chain if len(chain) < most and (not chain or fits_under(chain[-1], p)) else rest).append(p)
+                picks = rest
+            while len(chain) >= 2 and not fits_under(chain[-1], chain[0]):
+                chain.pop()
+            if len(chain) < 2:
+                break
+            for j, (f, s) in enumerate(chain):
+                g = chain[(j + 1) % len(chain)][0]
+                out.append(Example(pair_text(f, s), 1, path, s[0], f[0]))
+                out.append(Example(pair_text(g, s), 0, path, s[0], g[0]))
+            room -= 2 * len(chain)
         if quota - len(out) < 4:
             break
     return out
@@ -715,6 +749,6 @@ class PairsTask(ClassifyTask):
 
 
 METRICS = {"mcc": mcc, "f1": f1}
-TASK_LABELS = {"cola": ("does not parse", "parses"), "pairs": ("another function's", "its own docstring"),
+TASK_LABELS = {"cola": ("does not parse", "parses"), "pairs": ("another function's", "its own"),
                "package": CLASS_PACKAGES}
 GLUE_TASK_CLASSES = {"cola": ColaTask, "pairs": PairsTask, "package": ClassifyTask}  # the task objects

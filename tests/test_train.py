@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+import options
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -358,6 +359,14 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, finished, capsys, name, extr
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
     assert "Traceback" not in err
     assert snapshot(out) == before
+
+
+def test_the_encoder_has_its_own_block_and_pretraining_defaults_and_flags_win(tmp_path):
+    for argv, expected in ((["--arch", "gpt"], (128, 1500)), (["--arch", "encoder"], (64, 3000)),
+                           (["--arch", "encoder", "--block-size", "32", "--pretrain-iters", "7"], (32, 7))):
+        args = options.build_parser().parse_args(argv + ["--out-dir", str(tmp_path)])
+        options.validate(args, options.explicit_flags(argv))
+        assert (args.block_size, args.pretrain_iters) == expected
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
