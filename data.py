@@ -301,7 +301,8 @@ def classification_holdout_files():
 
 GLUE_TASKS = {  # name -> what the encoder is asked: a small GLUE, cut from the standard library
     "cola": "acceptability (as CoLA): does this snippet of Python parse? metric: Matthews correlation",
-    "pairs": "pair matching (as MRPC, QNLI): is this statement from this function's body? metrics: accuracy, F1",
+    "pairs": "pair matching (as MRPC, QNLI): is this statement from this function's body? "
+             "metrics: accuracy, F1",
     "package": "which of 8 standard-library packages is this snippet from? metric: accuracy",
 }
 PAD = 32        # rows are right-padded with spaces: a common byte, and trailing spaces never change a parse
@@ -356,7 +357,8 @@ def outline(path):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                 continue
             subs = [getattr(node, f, None) or [] for f in ("body", "orelse", "finalbody")]
-            subs += [h.body for h in getattr(node, "handlers", [])] + [c.body for c in getattr(node, "cases", [])]
+            subs += [h.body for h in getattr(node, "handlers", [])]
+            subs += [c.body for c in getattr(node, "cases", [])]
             if any(subs):
                 yield from (s for sub in subs for s in one_liners(sub))
             elif node.lineno == node.end_lineno and not (isinstance(node, ast.Expr)
@@ -377,7 +379,8 @@ def outline(path):
             params = tuple(x.lstrip("*") for x in shown if x.lstrip("*") not in ("", "self", "cls"))
             if params:
                 signature = f"def {node.name}({', '.join(shown)}):"
-                body = tuple(b for b in one_liners(node.body) if b[0] > node.lineno)  # not 'def f(x): return x'
+                # a body's line, never the def line itself as in 'def f(x): return x'
+                body = tuple(b for b in one_liners(node.body) if b[0] > node.lineno)
                 functions.append((node.lineno, node.end_lineno, signature, params, body))
         bodies = tuple(tuple(map(statement, s)) for s in subs if s)
         return node.lineno, node.end_lineno, node.col_offset, bodies
@@ -492,8 +495,8 @@ def cola_pair(lines, window, rng, block_size):
 
 def cola_split(split, block_size, quota):
     """quota // 2 pairs (positive, negative) of the same length in bytes, so that length tells nothing.
-    Windows are drawn file by file (PER_FILE at most in val and test); each is kept whole (a positive) or corrupted (a
-    negative), whichever completes a pair with one waiting, else either at random."""
+    Windows are drawn file by file (PER_FILE at most in val and test); each is kept whole (a positive)
+    or corrupted (a negative), whichever completes a pair with one waiting, else either at random."""
     waiting, pairs = ({}, {}), []  # by length: the negatives, the positives without a partner yet
     for path, seed in file_order(split):
         lines, stmts, _ = outline(path)
@@ -552,10 +555,10 @@ def pairs_split(split, block_size, quota):
 
         def fits_under(a, b):
             """a's statement under b's signature: it fits, lies outside b (b may be a nested function's
-            outer one), and uses none of b's parameters."""
+            outer one), uses none of b's parameters and spells none of its evident ones."""
             (first, last, _, params, _), (line, text, names) = b[0], a[1]
-            size, seen = len(pair_text(b[0], a[1]).encode()), set(params) & names or any(p in text for p in evident(params))
-            return size <= block_size and not first < line <= last and not seen
+            seen = set(params) & names or any(p in text for p in evident(params))
+            return len(pair_text(b[0], a[1]).encode()) <= block_size and not first < line <= last and not seen
 
         while True:
             picks = [(f, left[f].pop()) for f in (list(left)[i] for i in rng.permutation(len(left))) if left[f]]

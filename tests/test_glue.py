@@ -51,7 +51,7 @@ def test_sizes_and_tensors_follow_the_examples(examples):
         for split, (x, y) in splits.items():
             ex = examples[task][split]
             assert x.shape == (len(ex), B) and y.tolist() == [e.label for e in ex]
-            assert len(ex) > {"train": MAX_TRAIN, "val": 250, "test": 250}[split] - 4  # a chain: 4 rows at least
+            assert len(ex) > {"train": MAX_TRAIN, "val": 250, "test": 250}[split] - 4  # pairs: 4 rows a chain
             padded = [e.text.encode().ljust(B, bytes([data.PAD])) for e in ex]
             assert bytes(x.flatten().tolist()) == b"".join(padded)  # every text fits: nothing clipped
     x, y = data.glue_splits("package", B, MAX_TRAIN)["train"]
@@ -139,7 +139,8 @@ def test_pairs_put_a_statement_under_a_signature_of_its_file_its_own_for_positiv
         shown = collections.Counter((e.file, e.note, e.label) for e in ex)
         assert all(shown[f, n, 1 - label] == k for (f, n, label), k in shown.items())  # each signature
         statements = collections.Counter((e.file, e.line, e.label) for e in ex)
-        assert set(statements.values()) == {1} and all((f, n, 1 - label) in statements for f, n, label in statements)
+        assert set(statements.values()) == {1}  # each statement, once with either label
+        assert all((f, n, 1 - label) in statements for f, n, label in statements)
 
 
 def majority_by(feature, train, val):
