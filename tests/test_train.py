@@ -418,10 +418,10 @@ def test_tiny_cola_run_beats_chance(tmp_path):
     # Three standard deviations of a chance MCC on n rows is 3 / sqrt(n): 0.095 on val's 1000 rows. With
     # seeds 1337 and 1 this run reached val 0.246 and 0.227 (test 0.227, 0.260); 2 layers 64 wide stayed
     # at chance, and 600 pretraining + 400 fine-tuning steps reached 0.092: the base must know some Python.
-    argv = ["--arch", "encoder", "--task", "cola", "--schedule", "full", "--lr", "5e-4", "--out-dir", str(tmp_path),
-            "--n-layer", "2", "--n-embd", "128", "--n-head", "4", "--batch-size", "32", "--pretrain-iters", "1000",
-            "--iters", "600", "--probe-iters", "50", "--warmup", "10", "--eval-interval", "300", "--ref-rank", "4",
-            "--sample-len", "0"]
+    argv = ["--arch", "encoder", "--task", "cola", "--schedule", "full", "--lr", "5e-4",
+            "--out-dir", str(tmp_path), "--n-layer", "2", "--n-embd", "128", "--n-head", "4",
+            "--batch-size", "32", "--pretrain-iters", "1000", "--iters", "600", "--probe-iters", "50",
+            "--warmup", "10", "--eval-interval", "300", "--ref-rank", "4", "--sample-len", "0"]
     assert train.main(argv) == 0
     m = json.loads((tmp_path / "cola-full" / "metrics.json").read_text())
     n_val, n_test = (len(data.glue_examples("cola", 64)[split]) for split in ("val", "test"))
