@@ -581,7 +581,26 @@ def glue_table(out_dir):
         headline = [cells[(t, "headline")][0] for t in tasks if (t, "headline") in cells]
         avg = f"{statistics.mean(headline):.1f}" if len(headline) == len(tasks) else "-"
         lines.append(f"{label:<28}{text} {avg:>8}")
-    return "\n".join(lines)
+    verdicts = [criteria(task, {label: cells[(task, "headline")] for label, cells in rows.items()
+                                if (task, "headline") in cells}) for task in tasks]
+    return "\n".join(lines + [v for v in verdicts if v])
+
+
+def criteria(task, scores):
+    """Issue 14's two criteria on one task, from its {method label: (mean, std)} of the headline metric:
+    1. full fine-tuning beats the probe by 15 points at least; 2. the best and the worst of linear,
+    lora r_ref and full are more than 2 standard deviations apart (the larger std of the two). '' if a
+    method is missing."""
+    names = ("linear", "lora r_ref", "full")
+    if not all(n in scores for n in names + ("probe (head only)",)):
+        return ""
+    gain = scores["full"][0] - scores["probe (head only)"][0]
+    best, worst = max(names, key=lambda n: scores[n][0]), min(names, key=lambda n: scores[n][0])
+    gap, spread = scores[best][0] - scores[worst][0], 2 * max(scores[best][1], scores[worst][1])
+    one = f"1 {'met' if gain >= 15 else 'missed'} (full - probe = {gain:.1f} {'>=' if gain >= 15 else '<'} 15)"
+    two = f"2 {'met' if gap > spread else 'missed'} ({best} - {worst} = {gap:.1f} {'>' if gap > spread else '<='}" \
+          f" 2 x {spread / 2:.1f})"
+    return f"{task}: criterion {one}; criterion {two}"
 
 
 def heat_map(metrics):

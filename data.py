@@ -14,8 +14,8 @@ sha256 of the text it was built from: a changed source rebuilds the cache.
 
 For the encoder, a small GLUE cut from the standard library (GLUE_TASKS, glue_splits): cola, does this
 snippet of Python parse (real statements against the same kind after one token-level corruption; Matthews
-correlation, as CoLA); pairs, is this statement from the body of the function whose signature is shown (the
-other signatures come from the same file; accuracy and F1, as MRPC, QNLI); package, which of 8 packages a
+correlation, as CoLA); pairs, does this call bind to this def or raise TypeError (a def of a file over the
+arguments of a call of the same file; accuracy and F1, as MRPC, QNLI); package, which of 8 packages a
 snippet comes from (accuracy). All share one split of the files (stdlib_split_of): no file is in two
 splits, and the encoder pretrains on none of their val and test files (glue_holdout_files).
 
@@ -24,10 +24,13 @@ loop talks to: a batch drawn on the CPU, the number of targets in a slice of it 
 mean loss), the loss of a model on it, and an evaluation on a split.
 """
 import ast
+import bisect
 import collections
 import contextlib
+import copy
 import functools
 import hashlib
+import inspect
 import io
 import json
 import math
@@ -301,7 +304,7 @@ def classification_holdout_files():
 
 GLUE_TASKS = {  # name -> what the encoder is asked: a small GLUE, cut from the standard library
     "cola": "acceptability (as CoLA): does this snippet of Python parse? metric: Matthews correlation",
-    "pairs": "pair matching (as MRPC, QNLI): is this statement from this function's body? "
+    "pairs": "pair matching (as MRPC, QNLI): does this call bind to this def, or raise TypeError? "
              "metrics: accuracy, F1",
     "package": "which of 8 standard-library packages is this snippet from? metric: accuracy",
 }
@@ -310,8 +313,8 @@ QUOTA = {"train": 100_000, "val": 1000, "test": 1000}  # rows per split at most,
 PER_FILE = {"val": 40, "test": 40}  # rows from one file at most: no file dominates val or test (train: all)
 Example = collections.namedtuple("Example", "text label file line note")
 Example.__doc__ = """One example, as text before clipping and padding. line: where in file the snippet
-(cola, package) or the statement (pairs) starts. note: cola, the corruption of a negative ("" for a
-positive); pairs, the def line of the function whose signature is shown."""
+(cola, package) or the call (pairs) starts. note: cola, the corruption of a negative ("" for a
+positive); pairs, the line of the def shown."""
 
 
 def fits(text, block_size):
@@ -340,52 +343,87 @@ def file_order(split):
 
 @functools.lru_cache(maxsize=None)
 def outline(path):
-    """(lines, statements, functions) of one source file, from its one ast.parse (kept: the tasks share
-    it). A statement is (first line, last line, column, its bodies of statements); a function with
-    parameters other than self and cls is (def line, last line, its signature without defaults and
-    annotations, those parameters, its body's one-line statements outside nested classes and functions
-    as (line, text, the names it reads or writes))."""
+    """(lines, statements, (functions, calls)) of one source file, from its one ast.parse (kept: the
+    tasks share it). A statement is (first line, last line, column, its bodies of statements); functions
+    and calls are functions_of's and calls_of's."""
     try:
         src = open(path, "rb").read().decode("utf-8")
         tree = ast.parse(src)
     except (SyntaxError, ValueError):
         return (), (), ()
-    lines, functions = tuple(src.replace("\r\n", "\n").replace("\r", "\n").split("\n")), []
-
-    def one_liners(body):
-        for node in body:
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                continue
-            subs = [getattr(node, f, None) or [] for f in ("body", "orelse", "finalbody")]
-            subs += [h.body for h in getattr(node, "handlers", [])]
-            subs += [c.body for c in getattr(node, "cases", [])]
-            if any(subs):
-                yield from (s for sub in subs for s in one_liners(sub))
-            elif node.lineno == node.end_lineno and not (isinstance(node, ast.Expr)
-                                                         and isinstance(node.value, ast.Constant)):
-                text = lines[node.lineno - 1].encode()[node.col_offset:node.end_col_offset].decode()
-                names = frozenset(n.id for n in ast.walk(node) if isinstance(n, ast.Name))
-                yield node.lineno, text, names
+    lines = tuple(src.replace("\r\n", "\n").replace("\r", "\n").split("\n"))
 
     def statement(node):
         subs = [getattr(node, f, None) or [] for f in ("body", "orelse", "finalbody")]
         subs += [h.body for h in getattr(node, "handlers", [])]  # try: except
         subs += [c.body for c in getattr(node, "cases", [])]  # match: case
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            a = node.args
-            shown = [x.arg for x in a.posonlyargs + a.args] + (["*" + a.vararg.arg] if a.vararg else
-                                                                 ["*"] if a.kwonlyargs else [])
-            shown += [x.arg for x in a.kwonlyargs] + (["**" + a.kwarg.arg] if a.kwarg else [])
-            params = tuple(x.lstrip("*") for x in shown if x.lstrip("*") not in ("", "self", "cls"))
-            if params:
-                signature = f"def {node.name}({', '.join(shown)}):"
-                # a body's line, never the def line itself as in 'def f(x): return x'
-                body = tuple(b for b in one_liners(node.body) if b[0] > node.lineno)
-                functions.append((node.lineno, node.end_lineno, signature, params, body))
         bodies = tuple(tuple(map(statement, s)) for s in subs if s)
         return node.lineno, node.end_lineno, node.col_offset, bodies
 
-    return lines, tuple(map(statement, tree.body)), tuple(functions)
+    return lines, tuple(map(statement, tree.body)), (functions_of(tree), calls_of(tree))
+
+
+def functions_of(tree):
+    """outline's functions: every def not in a class, and every one in a class taking self (without a
+    default) and not decorated, as (def line, its def renamed f, without annotations and, for a method,
+    without self, as a call self.f(...) sees it: 'def f(a, b=0): ...', the inspect.Signature of that)."""
+    out = []
+
+    def visit(node, in_class):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.FunctionDef):
+                positional = child.args.posonlyargs + child.args.args
+                method = [a.arg for a in positional[:1]] == ["self"] and len(child.args.defaults) < len(positional)
+                if not in_class or (not child.decorator_list and method):
+                    args = copy.deepcopy(child.args)
+                    for a in args.posonlyargs + args.args + args.kwonlyargs + [args.vararg, args.kwarg]:
+                        if a:
+                            a.annotation = None
+                    if in_class:  # self, bound by the call self.f(...): shown as the call sees it
+                        del (args.posonlyargs or args.args)[0]
+                    out.append((child.lineno, f"def f({ast.unparse(args)}): ...", signature(args)))
+            visit(child, isinstance(child, ast.ClassDef))
+
+    visit(tree, False)
+    return tuple(out)
+
+
+def calls_of(tree):
+    """outline's calls: every call without * or ** unpacking, as (line, its arguments' text, its shape:
+    (number of positional arguments, keyword names))."""
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and not any(isinstance(a, ast.Starred) for a in node.args) \
+                and all(k.arg for k in node.keywords):
+            text = ", ".join([ast.unparse(a) for a in node.args] + [f"{k.arg}={ast.unparse(k.value)}"
+                                                                     for k in node.keywords])
+            out.append((node.lineno, text, (len(node.args), tuple(k.arg for k in node.keywords))))
+    return tuple(sorted(out))
+
+
+def signature(args):
+    """The inspect.Signature of an ast.arguments (defaults stand in as 0)."""
+    P, a = inspect.Parameter, args
+    positional = [(x.arg, P.POSITIONAL_ONLY) for x in a.posonlyargs]
+    positional += [(x.arg, P.POSITIONAL_OR_KEYWORD) for x in a.args]
+    required = len(positional) - len(a.defaults)
+    params = [P(n, k, default=P.empty if i < required else 0) for i, (n, k) in enumerate(positional)]
+    params += [P(a.vararg.arg, P.VAR_POSITIONAL)] if a.vararg else []
+    params += [P(x.arg, P.KEYWORD_ONLY, default=P.empty if d is None else 0)
+               for x, d in zip(a.kwonlyargs, a.kw_defaults)]
+    params += [P(a.kwarg.arg, P.VAR_KEYWORD)] if a.kwarg else []
+    return inspect.Signature(params)
+
+
+def binds(sig, shape):
+    """Would a call of shape (number of positional arguments, keyword names) bind to sig, or raise
+    TypeError before the function runs?"""
+    n, keywords = shape
+    try:
+        sig.bind(*range(n), **dict.fromkeys(keywords, 0))
+        return True
+    except TypeError:
+        return False
 
 
 # --- cola: real statements, against the same kind of statements after one token-level corruption
@@ -524,59 +562,67 @@ def cola_split(split, block_size, quota):
     return [e for pair in pairs for e in pair]  # positive, negative, positive, ...
 
 
-# --- pairs: a function's signature over a line of its own body, or of another function's in the same file
+# --- pairs: a def over a call, renamed to it, of the same file; does the call bind or raise TypeError?
 
-def pair_text(function, line):
-    """'def f(a, *b, c):\\n    <statement>': a function's signature over one statement, as if its body."""
-    return function[2] + "\n    " + line[1]
-
-
-def evident(params):
-    """The parameters whose use a reader can see at a glance: names of 3 characters or more (one letter
-    like x appears everywhere)."""
-    return {p for p in params if len(p) >= 3}
+def pair_text(function, call, block_size):
+    """'def f(a, b=0): ...    \\nf(x, y)': a def over a call's arguments, the def line padded with spaces to
+    9/16 of the block, so that a row's length is the call's alone."""
+    return f"{function[1]:<{block_size * 9 // 16}}\nf({call[1]})"
 
 
 def pairs_split(split, block_size, quota):
-    """Rows of (function, statement), the statement one that uses a parameter of its function. Per file,
-    in rounds: each function with such a statement left draws one at random, in a random order, and
-    a chain keeps those whose statement fits under the next one's signature too and uses none of its
-    parameters (so that the label is what the text says); the chain closes on its first. Each function
-    kept gives two rows: its statement under its own signature (1), and under the next one's (0). So in
-    a round every signature and every statement is shown once with either label, and the two always
-    come from the same file. The rounds go on until no chain forms (PER_FILE rows a file in val, test)."""
+    """Rows of (def, call) from one file, labelled by whether the call binds to the def (1) or would raise
+    TypeError (0). Per file, in rounds, a chain of its functions in a random order: between each one and
+    the next, a call of the file not used before that binds to the one and not to the next, drawn at
+    random among the calls that fit under both; the chain closes on its first. Each link gives two rows,
+    the call under the one (1) and under the next (0), so in a round every def is shown once with either
+    label and every call is shown once with either label: neither half alone tells it. A chain that cannot
+    close drops its first function; the rounds go on while two are left (PER_FILE rows a file in val
+    and test)."""
     out = []
     for path, seed in file_order(split):
-        _, _, functions = outline(path)
-        rng, room = np.random.default_rng([seed, block_size]), PER_FILE.get(split, quota)
-        left = {f: [s for s in f[4] if evident(f[3]) & s[2] and len(pair_text(f, s).encode()) <= block_size]
-                for f in functions}
-        left = {f: [ss[i] for i in rng.permutation(len(ss))] for f, ss in left.items() if ss}
+        _, _, (functions, calls) = outline(path)
+        functions = [f for f in functions if len(f[1].encode()) <= block_size * 9 // 16]  # padded, not cut
+        rng, rows = np.random.default_rng([seed, block_size]), PER_FILE.get(split, quota)
+        pool = collections.defaultdict(list)  # shape -> its calls unused yet, as (length, call), shortest first
+        for c in sorted(calls, key=lambda c: len(c[1].encode())):
+            pool[c[2]].append((len(c[1].encode()), c))
+        shapes = sorted(pool)
+        bound = [{s for s in shapes if binds(f[2], s)} for f in functions]  # the shapes that bind to f
+        room = [block_size - len(pair_text(f, (0, ""), block_size).encode()) for f in functions]  # for arguments
 
-        def fits_under(a, b):
-            """a's statement under b's signature: it fits, lies outside b (b may be a nested function's
-            outer one), uses none of b's parameters and spells none of its evident ones."""
-            (first, last, _, params, _), (line, text, names) = b[0], a[1]
-            seen = set(params) & names or any(p in text for p in evident(params))
-            return len(pair_text(b[0], a[1]).encode()) <= block_size and not first < line <= last and not seen
+        def link(f, g):
+            """A call binding to functions[f] and not to functions[g] that fits under both (taken out of
+            the pool), or None."""
+            fit = min(room[f], room[g])
+            for i in rng.permutation(len(shapes)):
+                s, cs = shapes[i], pool[shapes[i]]
+                if cs and s in bound[f] and s not in bound[g] and cs[0][0] <= fit:
+                    return cs.pop(int(rng.integers(bisect.bisect_right(cs, fit, key=lambda c: c[0]))))[1]
+            return None
 
-        while True:
-            picks = [(f, left[f].pop()) for f in (list(left)[i] for i in rng.permutation(len(left))) if left[f]]
-            chain, most = [], min(room, quota - len(out)) // 2
-            for _ in range(2):  # a second pass over the picks left out
-                rest = []
-                for p in picks:
-                    (chain if len(chain) < most and (not chain or fits_under(chain[-1], p)) else rest).append(p)
-                picks = rest
-            while len(chain) >= 2 and not fits_under(chain[-1], chain[0]):
+        alive = list(range(len(functions)))
+        while len(out) < quota and rows >= 4 and len(alive) >= 2:
+            chain, links = [], []
+            for f in (alive[i] for i in rng.permutation(len(alive))):
+                c = link(chain[-1], f) if chain else None
+                if not chain or c:
+                    chain, links = chain + [f], links + [c] * bool(chain)
+                if 2 * len(chain) + 2 > min(rows, quota - len(out)):
+                    break
+            while len(chain) >= 2 and not (c := link(chain[-1], chain[0])):
                 chain.pop()
-            if len(chain) < 2:
-                break
-            for j, (f, s) in enumerate(chain):
-                g = chain[(j + 1) % len(chain)][0]
-                out.append(Example(pair_text(f, s), 1, path, s[0], f[0]))
-                out.append(Example(pair_text(g, s), 0, path, s[0], g[0]))
-            room -= 2 * len(chain)
+                back = links.pop()
+                bisect.insort(pool[back[2]], (len(back[1].encode()), back), key=lambda c: c[0])
+            if len(chain) < 2:  # its first binds every call left (def f(*args, **kwargs)): no use any more
+                alive.remove(chain[0])
+                continue
+            links.append(c)
+            for j, (i, c) in enumerate(zip(chain, links)):
+                f, g = functions[i], functions[chain[(j + 1) % len(chain)]]
+                out.append(Example(pair_text(f, c, block_size), 1, path, c[0], f[0]))
+                out.append(Example(pair_text(g, c, block_size), 0, path, c[0], g[0]))
+            rows -= 2 * len(chain)
         if quota - len(out) < 4:
             break
     return out
@@ -747,11 +793,11 @@ class ColaTask(ClassifyTask):
 
 
 class PairsTask(ClassifyTask):
-    """Is the docstring this function's? Accuracy first, and F1 of the matches, as MRPC."""
+    """Does the call bind to the def? Accuracy first, and F1 of the calls that bind, as MRPC."""
     metric, n_classes, extra = "acc", 2, ("f1",)
 
 
 METRICS = {"mcc": mcc, "f1": f1}
-TASK_LABELS = {"cola": ("does not parse", "parses"), "pairs": ("another function's", "its own"),
+TASK_LABELS = {"cola": ("does not parse", "parses"), "pairs": ("raises TypeError", "binds"),
                "package": CLASS_PACKAGES}
 GLUE_TASK_CLASSES = {"cola": ColaTask, "pairs": PairsTask, "package": ClassifyTask}  # the task objects

@@ -109,38 +109,54 @@ def test_a_cola_negative_is_one_token_edit_that_leaves_the_brackets_alone(exampl
     assert set(ops) == {"delete", "duplicate", "swap"} and min(ops.values()) > 50
 
 
+def raises_type_error(text):
+    """Run a pairs row as Python, defaults and arguments replaced by None (so that only the binding of the
+    call to the def can fail): does the call raise TypeError?"""
+    define, call = ast.parse(text).body
+    a, call = define.args, call.value
+    a.defaults = [ast.Constant(None) for _ in a.defaults]
+    a.kw_defaults = [d and ast.Constant(None) for d in a.kw_defaults]
+    call.args = [ast.Constant(None) for _ in call.args]
+    for k in call.keywords:
+        k.value = ast.Constant(None)
+    space, code = {}, compile(ast.fix_missing_locations(ast.Expression(call)), "<row>", "eval")
+    exec(compile(ast.fix_missing_locations(ast.Module([define], [])), "<row>", "exec"), space)
+    try:
+        eval(code, space)
+        return False
+    except TypeError:
+        return True
+
+
 @functools.lru_cache(maxsize=None)
-def functions_of(path):
-    """{def line: (name, first line, last line, parameter names)}, from a parse of our own."""
-    out = {}
-    for node in ast.walk(ast.parse(open(path, "rb").read())):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+def parse_of(path):
+    """({def line: its parameters' names}, {line: [the arguments' text of each call starting there]}), from
+    a parse of our own."""
+    tree, defs, calls = ast.parse(open(path, "rb").read()), {}, collections.defaultdict(list)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef):
             a = node.args
-            names = {x.arg for x in a.posonlyargs + a.args + a.kwonlyargs + [a.vararg, a.kwarg] if x}
-            out[node.lineno] = node.name, node.lineno, node.end_lineno, names - {"self", "cls"}
-    return out
+            defs[node.lineno] = [x.arg for x in a.posonlyargs + a.args + [a.vararg] + a.kwonlyargs + [a.kwarg] if x]
+        elif isinstance(node, ast.Call):
+            calls[node.lineno].append(", ".join(map(ast.unparse, node.args + node.keywords)))
+    return defs, calls
 
 
-def test_pairs_put_a_statement_under_a_signature_of_its_file_its_own_for_positives_only(examples):
+def test_pairs_put_a_call_of_the_file_under_one_of_its_defs_that_it_binds_to_for_positives_only(examples):
     for split, ex in examples["pairs"].items():
         for e in ex:
-            signature, statement = e.text.split("\n    ")
-            name, first, last, params = functions_of(e.file)[e.note]  # a function of e.file
-            assert signature.startswith(f"def {name}(") and signature.endswith("):")
-            line = open(e.file, encoding="utf-8").read().split("\n")[e.line - 1]
-            assert statement in line  # a line of e.file
-            assert (first < e.line <= last) == bool(e.label)  # in the shown function's body: a positive
-            used = {n.id for n in ast.walk(ast.parse(statement)) if isinstance(n, ast.Name)}
-            long = {p for p in params if len(p) >= 3}
-            if e.label:  # and it uses one of its parameters of 3 characters or more ...
-                assert used & long
-            else:  # ... else none of them, nor shows one of those anywhere in its text
-                assert not used & params and not any(p in statement for p in long)
-        shown = collections.Counter((e.file, e.note, e.label) for e in ex)
-        assert all(shown[f, n, 1 - label] == k for (f, n, label), k in shown.items())  # each signature
-        statements = collections.Counter((e.file, e.line, e.label) for e in ex)
-        assert set(statements.values()) == {1}  # each statement, once with either label
-        assert all((f, n, 1 - label) in statements for f, n, label in statements)
+            define, call = e.text.split("\n")
+            assert len(define) == B * 9 // 16 and define.rstrip().endswith("): ...")  # padded to one width
+            defs, calls = parse_of(e.file)
+            shown = ast.parse(e.text).body[0].args
+            names = [x.arg for x in shown.posonlyargs + shown.args + [shown.vararg] + shown.kwonlyargs
+                     + [shown.kwarg] if x]
+            assert names in (defs[e.note], defs[e.note][1:])  # a def of e.file (a method: without self) ...
+            assert call.startswith("f(") and call[2:-1] in calls[e.line]  # ... over a call's arguments in e.file
+            assert raises_type_error(e.text) != e.label
+        for key in ((lambda e: (e.file, e.note)), (lambda e: (e.file, e.line, e.text.split("\n")[1]))):
+            shown = collections.Counter((key(e), e.label) for e in ex)  # each def, each call: as often
+            assert all(shown[k, 1 - label] == n for (k, label), n in shown.items())  # with either label
 
 
 def majority_by(feature, train, val):
