@@ -67,3 +67,17 @@ def test_every_speed_variant_builds_and_the_grown_ones_reach_the_budget():
                      "increlora (growing)": 24, "full": 0}  # lora's layers are not TriAdapt ones: none listed
     ops = bench.op_counts({v: built[v] for v in ("lora", "tri (grown)", "full")}, batches[0])
     assert ops["full"] < ops["lora"] < ops["tri (grown), no R_orth"] < ops["tri (grown)"]
+
+
+def test_the_criteria_of_a_glue_task_are_read_from_means_and_stds():
+    scores = {"probe (head only)": (20.0, 1.0), "full": (35.5, 0.8), "lora r_ref": (34.0, 0.3),
+              "linear": (35.7, 0.8)}
+    assert bench.criteria("package", scores) == (  # 15.5 >= 15; 35.7 - 34.0 = 1.7 > 2 x 0.8
+        "package: criterion 1 met (full - probe = 15.5 >= 15); "
+        "criterion 2 met (linear - lora r_ref = 1.7 > 2 x 0.8)")
+    scores |= {"full": (34.9, 0.8), "linear": (35.6, 0.9)}  # 14.9 < 15; 35.6 - 34.0 = 1.6 <= 2 x 0.9
+    assert bench.criteria("package", scores) == (
+        "package: criterion 1 missed (full - probe = 14.9 < 15); "
+        "criterion 2 missed (linear - lora r_ref = 1.6 <= 2 x 0.9)")
+    del scores["lora r_ref"]
+    assert bench.criteria("package", scores) == ""  # a method missing: no verdict
