@@ -564,10 +564,16 @@ def cola_split(split, block_size, quota):
 
 # --- pairs: a def over a call, renamed to it, of the same file; does the call bind or raise TypeError?
 
+def pair_width(block_size):
+    """Bytes of a pairs row's def line, padded with spaces: 9/16 of the block, 36 of 64."""
+    return block_size * 9 // 16
+
+
 def pair_text(function, call, block_size):
     """'def f(a, b=0): ...    \\nf(x, y)': a def over a call's arguments, the def line padded with spaces to
-    9/16 of the block, so that a row's length is the call's alone."""
-    return f"{function[1]:<{block_size * 9 // 16}}\nf({call[1]})"
+    pair_width, so that a row's length is the call's alone."""
+    define = function[1] + " " * (pair_width(block_size) - len(function[1].encode()))
+    return f"{define}\nf({call[1]})"
 
 
 def pairs_split(split, block_size, quota):
@@ -582,7 +588,7 @@ def pairs_split(split, block_size, quota):
     out = []
     for path, seed in file_order(split):
         _, _, (functions, calls) = outline(path)
-        functions = [f for f in functions if len(f[1].encode()) <= block_size * 9 // 16]  # padded, not cut
+        functions = [f for f in functions if len(f[1].encode()) <= pair_width(block_size)]  # padded, not cut
         rng, rows = np.random.default_rng([seed, block_size]), PER_FILE.get(split, quota)
         pool = collections.defaultdict(list)  # shape -> its calls unused yet, as (length, call), shortest first
         for c in sorted(calls, key=lambda c: len(c[1].encode())):

@@ -164,6 +164,21 @@ def test_classify_prints_a_distribution_over_every_label(cls, tmp_path):
     assert call("--run", folder, "--file", tmp_path / "snippet.py")[0] == 0
 
 
+def test_a_pairs_row_is_padded_as_in_training(cls, tmp_path):
+    (base_path,) = (cls / "base").glob("*.pt")
+    flags = [f for f in TINY_CLASSIFY if f != "package"]
+    train_quietly(flags[:flags.index("--task") + 1] + ["pairs"] + flags[flags.index("--task") + 1:]
+                  + ["--init-from", str(base_path), "--out-dir", str(tmp_path)])
+    model, _ = sample.load_run(str(tmp_path / "pairs-linear"))
+    row = data.pair_text((0, "def f(a): ..."), (0, "1"), 32)  # as data.pairs_split writes it
+    assert row == "def f(a): ...     \nf(1)"  # the def line padded to 18 bytes
+    probs = sample.class_probabilities(model, data.encode(row.ljust(32)))
+    code, out, _ = call("--run", tmp_path / "pairs-linear", "--text", "def f(a): ...\nf(1)")
+    printed = {k.strip(): v for k, v in (line.rsplit(" ", 1) for line in out.splitlines()[1:])}
+    assert code == 0 and set(printed) == {"binds", "raises TypeError"}
+    assert float(printed["binds"]) == pytest.approx(probs[1].item(), abs=1e-4)
+
+
 def other_base(lm, tmp_path):
     """A base checkpoint of the same shape holding other weights."""
     (base_path,) = (lm[0] / "base").glob("*.pt")
