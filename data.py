@@ -350,7 +350,7 @@ def outline(path):
         src = open(path, "rb").read().decode("utf-8")
         tree = ast.parse(src)
     except (SyntaxError, ValueError):
-        return (), (), ()
+        return (), (), ((), ())
     lines = tuple(src.replace("\r\n", "\n").replace("\r", "\n").split("\n"))
 
     def statement(node):
@@ -620,7 +620,7 @@ def pairs_split(split, block_size, quota):
                 chain.pop()
                 back = links.pop()
                 bisect.insort(pool[back[2]], (len(back[1].encode()), back), key=lambda c: c[0])
-            if len(chain) < 2:  # its first binds every call left (def f(*args, **kwargs)): no use any more
+            if len(chain) < 2:  # no chain closes on its first (def f(*args, **kwargs) takes every call): drop it
                 alive.remove(chain[0])
                 continue
             links.append(c)

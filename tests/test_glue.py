@@ -128,6 +128,11 @@ def raises_type_error(text):
         return True
 
 
+def parameters(a):
+    """The names of an ast.arguments' parameters, in order."""
+    return [x.arg for x in a.posonlyargs + a.args + [a.vararg] + a.kwonlyargs + [a.kwarg] if x]
+
+
 @functools.lru_cache(maxsize=None)
 def parse_of(path):
     """({def line: its parameters' names}, {line: [the arguments' text of each call starting there]}), from
@@ -135,8 +140,7 @@ def parse_of(path):
     tree, defs, calls = ast.parse(open(path, "rb").read()), {}, collections.defaultdict(list)
     for node in ast.walk(tree):
         if isinstance(node, ast.FunctionDef):
-            a = node.args
-            defs[node.lineno] = [x.arg for x in a.posonlyargs + a.args + [a.vararg] + a.kwonlyargs + [a.kwarg] if x]
+            defs[node.lineno] = parameters(node.args)
         elif isinstance(node, ast.Call):
             calls[node.lineno].append(", ".join(map(ast.unparse, node.args + node.keywords)))
     return defs, calls
@@ -148,9 +152,7 @@ def test_pairs_put_a_call_of_the_file_under_one_of_its_defs_that_it_binds_to_for
             define, call = e.text.split("\n")
             assert len(define.encode()) == 36 and define.rstrip().endswith("): ...")  # padded to one width
             defs, calls = parse_of(e.file)
-            shown = ast.parse(e.text).body[0].args
-            names = [x.arg for x in shown.posonlyargs + shown.args + [shown.vararg] + shown.kwonlyargs
-                     + [shown.kwarg] if x]
+            names = parameters(ast.parse(e.text).body[0].args)
             assert names in (defs[e.note], defs[e.note][1:])  # a def of e.file (a method: without self) ...
             assert call.startswith("f(") and call[2:-1] in calls[e.line]  # ... over a call's arguments in e.file
             assert raises_type_error(e.text) != e.label
