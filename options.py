@@ -42,11 +42,21 @@ class UsageError(Exception):
     """Bad input: main() prints the message on one line and exits with status 2."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default, except where its help already says it or the default is None
+    (a flag left unset: its help says what that means)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser():
     p = argparse.ArgumentParser(
         description="TriAdaptLoRA: pretrain a small transformer, then fine-tune it through growing "
                     "triangular adapters.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--schedule", default="linear",
                    help=f"growth schedule or baseline, one of {', '.join(SCHEDULES)}; "
                         "a comma-separated list runs each in turn on the same base")

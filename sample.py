@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import options
 import report
 import train
 import triadapt
@@ -49,7 +50,7 @@ UsageError = train.UsageError
 
 def build_parser():
     p = argparse.ArgumentParser(description="Sample from, classify with, or export a fine-tuned run.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=options.HelpFormatter)
     p.add_argument("--run", default=None,
                    help="a run folder holding adapter.pt (out/<schedule>, out/<task>-<schedule>)")
     p.add_argument("--base", default=None, help="the base checkpoint to put the adapter on, instead of the path "

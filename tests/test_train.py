@@ -371,6 +371,13 @@ def test_the_encoder_has_its_own_block_and_pretraining_defaults_and_flags_win(tm
         assert (args.block_size, args.pretrain_iters) == expected
 
 
+def test_help_gives_each_default_once():
+    text = " ".join(options.build_parser().format_help().split())  # argparse wraps lines: undo it
+    assert "(default: None)" not in text  # an unset flag's help says what unset means instead
+    assert "context length in bytes (default: 128 for gpt, 64 for encoder) " in text  # the help's own, once
+    assert "optimizer steps of fine-tuning, per schedule (default: 600)" in text  # argparse's, as before
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_cuda_is_refused(tmp_path, capsys):
     assert train.main(TINY + ["--out-dir", str(tmp_path), "--device", "cuda"]) == 2
