@@ -569,18 +569,23 @@ def pair_width(block_size):
     return block_size * 9 // 16
 
 
+def pair_row(row, block_size):
+    """A pairs row's bytes with its def line (up to the first newline) padded with spaces to pair_width,
+    so that a row's length is the call's alone: the rows of pairs_split, and sample.py's input."""
+    define, newline, call = row.partition(b"\n")
+    return define.rstrip().ljust(pair_width(block_size), bytes([PAD])) + newline + call
+
+
 def pair_text(function, call, block_size):
-    """'def f(a, b=0): ...    \\nf(x, y)': a def over a call's arguments, the def line padded with spaces to
-    pair_width, so that a row's length is the call's alone."""
-    define = function[1] + " " * (pair_width(block_size) - len(function[1].encode()))
-    return f"{define}\nf({call[1]})"
+    """'def f(a, b=0): ...    \\nf(x, y)': a def over a call's arguments, as pair_row pads it."""
+    return pair_row(f"{function[1]}\nf({call[1]})".encode(), block_size).decode()
 
 
 def pairs_split(split, block_size, quota):
     """Rows of (def, call) from one file, labelled by whether the call binds to the def (1) or would raise
     TypeError (0). Per file, in rounds, a chain of its functions in a random order: between each one and
     the next, a call of the file not used before that binds to the one and not to the next, drawn at
-    random among the calls that fit under both; the chain closes on its first. Each link gives two rows,
+    random among the calls that fit in a row; the chain closes on its first. Each link gives two rows,
     the call under the one (1) and under the next (0), so in a round every def is shown once with either
     label and every call is shown once with either label: neither half alone tells it. A chain that cannot
     close drops its first function; the rounds go on while two are left (PER_FILE rows a file in val
@@ -595,12 +600,11 @@ def pairs_split(split, block_size, quota):
             pool[c[2]].append((len(c[1].encode()), c))
         shapes = sorted(pool)
         bound = [{s for s in shapes if binds(f[2], s)} for f in functions]  # the shapes that bind to f
-        room = [block_size - len(pair_text(f, (0, ""), block_size).encode()) for f in functions]  # for arguments
+        fit = block_size - pair_width(block_size) - len("\nf()")  # bytes left for a call's arguments
 
         def link(f, g):
-            """A call binding to functions[f] and not to functions[g] that fits under both (taken out of
-            the pool), or None."""
-            fit = min(room[f], room[g])
+            """A call binding to functions[f] and not to functions[g] that fits in a row (taken out of the
+            pool), or None."""
             for i in rng.permutation(len(shapes)):
                 s, cs = shapes[i], pool[shapes[i]]
                 if cs and s in bound[f] and s not in bound[g] and cs[0][0] <= fit:

@@ -252,12 +252,11 @@ def run(args):
         if args.text is None and args.file is None:
             raise UsageError(f"{source} is a classifier: give the snippet to classify with --text or --file")
         ids = read_input(args.text, "snippet") if args.file is None else list(data.read_text_file(args.file))
+        if task == "pairs":  # its def line padded as in training
+            ids = list(data.pair_row(bytes(ids), config.block_size))
         check_fits(ids, model, "snippet")
         while task == "cola" and ids and ids[-1] in b" \t\r\n":  # its snippets end on their last token
             ids = ids[:-1]
-        if task == "pairs" and 10 in ids:  # its def line padded as in training (data.pair_text)
-            define = bytes(ids[:ids.index(10)]).rstrip()
-            ids = list(define.ljust(data.pair_width(config.block_size), bytes([data.PAD]))) + ids[ids.index(10):]
         if task in ("cola", "pairs"):  # trained on rows padded to the block: pooling must see the same
             ids = ids + [data.PAD] * (config.block_size - len(ids))
         probs = class_probabilities(model, ids, args.device_name)
