@@ -81,3 +81,32 @@ def test_the_criteria_of_a_glue_task_are_read_from_means_and_stds():
         "criterion 2 missed (linear - lora r_ref = 1.6 <= 2 x 0.9)")
     del scores["lora r_ref"]
     assert bench.criteria("package", scores) == ""  # a method missing: no verdict
+
+
+def test_the_glue_table_averages_the_suite_and_says_where_each_task_stands(tmp_path, monkeypatch):
+    def runs(metric, before, *tests):  # test scores of 3 seeds; the probe ('before') of each seed
+        return [{"metric": metric, f"test_{metric}": t, f"test_{metric}_before": b} for t, b in zip(tests, before)]
+
+    for task, metric, before, scores in (
+            ("package", "acc", (0.19, 0.20, 0.21), {"full": (0.35, 0.36, 0.37), "lora r_ref": (0.33, 0.33, 0.33),
+                                                    "linear": (0.37, 0.37, 0.37)}),
+            ("cola", "mcc", (0.0, 0.0, 0.0), {"full": (0.5, 0.6, 0.7), "lora r_ref": (0.5, 0.5, 0.5),
+                                              "linear": (0.55, 0.55, 0.55)})):
+        results = {"methods": {label: runs(metric, before, *t) for label, t in scores.items()}}
+        (tmp_path / f"bench_quality_{task}.json").write_text(json.dumps(results))
+    lines = bench.glue_table(str(tmp_path)).splitlines()
+    assert lines[0].split() == ["method", "cola", "(mcc)", "package", "(acc)", "suite", "avg"]
+    # the average is package's alone (cola is not in bench.SUITE); a std is over 3 seeds, x 100
+    assert lines[1].split() == ["probe", "(head", "only)", "0.0", "+-", "0.0", "20.0", "+-", "1.0", "20.0"]
+    assert lines[2].split() == ["full", "60.0", "+-", "10.0", "36.0", "+-", "1.0", "36.0"]
+    assert lines[4].split()[-1] == "37.0"  # linear
+    assert lines[5] == ("cola: criterion 1 met (full - probe = 60.0 >= 15); criterion 2 missed "
+                        "(full - lora r_ref = 10.0 <= 2 x 10.0): dropped (criterion 3)")
+    assert lines[6] == ("package: criterion 1 met (full - probe = 16.0 >= 15); criterion 2 met "
+                        "(linear - lora r_ref = 4.0 > 2 x 0.0): in the suite")
+    assert len(lines) == 7
+    monkeypatch.setattr(bench, "SUITE", ("cola",))  # the other way round: the verdicts say so
+    lines = bench.glue_table(str(tmp_path)).splitlines()
+    assert lines[2].split()[-1] == "60.0"
+    assert lines[5].endswith(": in the suite, but misses one now (criterion 3: drop it?)")
+    assert lines[6].endswith(": meets both now (add it to bench.SUITE?)")
