@@ -591,14 +591,13 @@ def glue_table(out_dir):
         headline = [cells[(t, "headline")][0] for t in suite if (t, "headline") in cells]
         avg = f"{statistics.mean(headline):.1f}" if suite and len(headline) == len(suite) else "-"
         lines.append(f"{label:<28}{text} {avg:>9}")
-    verdicts = [criteria(task, {label: cells[(task, "headline")] for label, cells in rows.items()
-                                if (task, "headline") in cells}) for task in tasks]
-    return "\n".join(lines + [f"{v}: {membership(task, v)}" for task, v in zip(tasks, verdicts) if v])
+    verdicts = [(task, *criteria(task, {label: cells[(task, "headline")] for label, cells in rows.items()
+                                        if (task, "headline") in cells})) for task in tasks]
+    return "\n".join(lines + [f"{text}: {membership(task, met)}" for task, text, met in verdicts if text])
 
 
-def membership(task, verdict):
-    """What a task's verdict says about its place in SUITE."""
-    met = "missed" not in verdict
+def membership(task, met):
+    """Where a task stands in SUITE, given whether it meets both criteria now."""
     if task in SUITE:
         return "in the suite" if met else "in the suite, but misses one now (criterion 3: drop it?)"
     return "meets both now (add it to bench.SUITE?)" if met else "dropped (criterion 3)"
@@ -607,18 +606,18 @@ def membership(task, verdict):
 def criteria(task, scores):
     """Issue 14's two criteria on one task, from its {method label: (mean, std)} of the headline metric:
     1. full fine-tuning beats the probe by 15 points at least; 2. the best and the worst of linear,
-    lora r_ref and full are more than 2 standard deviations apart (the larger std of the two). '' if a
-    method is missing."""
+    lora r_ref and full are more than 2 standard deviations apart (the larger std of the two). Returns
+    (the verdict's text, whether both are met); ('', False) if a method is missing."""
     names = ("linear", "lora r_ref", "full")
     if not all(n in scores for n in names + ("probe (head only)",)):
-        return ""
+        return "", False
     gain = scores["full"][0] - scores["probe (head only)"][0]
     best, worst = max(names, key=lambda n: scores[n][0]), min(names, key=lambda n: scores[n][0])
     gap, spread = scores[best][0] - scores[worst][0], 2 * max(scores[best][1], scores[worst][1])
     one = f"1 {'met' if gain >= 15 else 'missed'} (full - probe = {gain:.1f} {'>=' if gain >= 15 else '<'} 15)"
     two = f"2 {'met' if gap > spread else 'missed'} ({best} - {worst} = {gap:.1f} {'>' if gap > spread else '<='}" \
           f" 2 x {spread / 2:.1f})"
-    return f"{task}: criterion {one}; criterion {two}"
+    return f"{task}: criterion {one}; criterion {two}", gain >= 15 and gap > spread
 
 
 def heat_map(metrics):

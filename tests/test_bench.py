@@ -74,13 +74,13 @@ def test_the_criteria_of_a_glue_task_are_read_from_means_and_stds():
               "linear": (35.7, 0.8)}
     assert bench.criteria("package", scores) == (  # 15.5 >= 15; 35.7 - 34.0 = 1.7 > 2 x 0.8
         "package: criterion 1 met (full - probe = 15.5 >= 15); "
-        "criterion 2 met (linear - lora r_ref = 1.7 > 2 x 0.8)")
+        "criterion 2 met (linear - lora r_ref = 1.7 > 2 x 0.8)", True)
     scores |= {"full": (34.9, 0.8), "linear": (35.6, 0.9)}  # 14.9 < 15; 35.6 - 34.0 = 1.6 <= 2 x 0.9
     assert bench.criteria("package", scores) == (
         "package: criterion 1 missed (full - probe = 14.9 < 15); "
-        "criterion 2 missed (linear - lora r_ref = 1.6 <= 2 x 0.9)")
+        "criterion 2 missed (linear - lora r_ref = 1.6 <= 2 x 0.9)", False)
     del scores["lora r_ref"]
-    assert bench.criteria("package", scores) == ""  # a method missing: no verdict
+    assert bench.criteria("package", scores) == ("", False)  # a method missing: no verdict
 
 
 def test_the_glue_table_averages_the_suite_and_says_where_each_task_stands(tmp_path, monkeypatch):
