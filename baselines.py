@@ -1,9 +1,12 @@
 """
-Baselines from the paper's comparison, written from scratch in the style of triadapt.py: AdaLoRA here,
-IncreLoRA in triadapt.py (TriAdaptLoRA's allocator with a diagonal core and sensitivity importance).
+The paper's competitors, built from triadapt.py's pieces: LoRA, AdaLoRA and IncreLoRA (with the
+switches that ablate TriAdaptLoRA's two ideas). Every one keeps s constant and starts from B = 0.
 
-AdaLoRA (Zhang et al., 2023) adapts a frozen linear layer y = x W^T + b (W is d_out x d_in) in an
-SVD-like form whose triplets (A[i], E[i], B[:, i]) are pruned during training to a total-rank budget:
+LoRA (Hu et al., 2021): y = x W^T + b + (x A^T) (s B)^T with s = alpha / r, A ~ N(0, init_std^2), B = 0,
+at the fixed rank r = r_ref. It trains r (d_in + d_out) numbers per matrix.
+
+AdaLoRA (Zhang et al., 2023) adapts a frozen linear layer in an SVD-like form whose triplets
+(A[i], E[i], B[:, i]) are pruned during training to a total-rank budget:
 
     y  = x W^T + b + ((x A^T) * E) (s B)^T        # forward(): dW is never built
     dW = s * B @ diag(E) @ A                      # delta_weight(), for merge() and inspection
@@ -30,8 +33,7 @@ For t_i < t <= t_e and t % interval == 0 the b(t) triplets with the highest scor
 live, the E entries of the others are set to 0. Those still train (their A, B and E get gradients) and
 can come back at the next masking. At the first step after t_e the mask is chosen once more, to exactly
 R_T triplets, and from then on E[~live] = 0 after every step: the adapter ends with R_T live triplets.
-The loss adds lambda * R_orth on A and B (triadapt.orthogonal_penalty reads layer.A and layer.B).
-
+The loss adds lambda * R_orth on A and B (triadapt.orthogonal_penalty reads A, B, gram_mask).
 Choices where the paper and PEFT are ambiguous or differ:
   - U_bar uses the I_bar of this step (the paper's equations and PEFT's RankAllocator do the same);
   - I_bar, U_bar are updated every step, warmups included, so scores are warm at the first masking;
@@ -40,28 +42,76 @@ Choices where the paper and PEFT are ambiguous or differ:
     E <= kthvalue masks every tied entry and can leave fewer);
   - t_e = min(max(t_i, T - t_f), T - 1) and t_i = min(init_warmup, t_e): step T at the latest fixes
     the final mask, so every run ends with R_T live triplets, even one shorter than its warmups;
-  - s = alpha / r_ref is constant (PEFT divides by the initial rank, which is constant too);
-  - the moving averages are lerps (I_bar + (1 - b1) (I - I_bar)): one fused op for all tensors, equal
-    to the equation up to rounding.
+  - the moving averages are lerps (I_bar + (1 - b1) (I - I_bar)): one fused op for all tensors.
+Parameters: r (d_in + d_out + 1) train all along (n_held); live * (d_in + d_out + 1) make up the final
+adapter (n_trainable).
 
-Parameters: r (d_in + d_out + 1) train all along, since masked triplets train too (n_held);
-live * (d_in + d_out + 1) make up the final adapter (n_trainable).
+IncreLoRA (Zhang et al., 2023) is TriAdaptLoRA's growth with other choices, each a switch here, so
+that every idea of TriAdaptLoRA can be ablated (train.py's flags in brackets):
+  core="diagonal" [--core]          C = diag(lambda): a block of size k is k entries lambda = 1, and a
+                                    matrix trains r (d_in + d_out) + r numbers;
+  importance="sensitivity"          score = I_bar * U_bar of I = sum |dW * dL/ddW| / sqrt(d_out d_in),
+    [--importance]                  smoothed as AdaLoRA's, measured every step, instead of how far N(C)
+                                    moved between rounds;
+  block_warmup=N [--block-warmup]   a block born after step t0 learns at lr(t) * min(1, (t - t0) / N);
+  advance=k [--advance]             the next block (k rows of A, k columns of B past r) trains ahead
+                                    behind a frozen core entry ADVANCE_EPS and goes live, values kept, at
+                                    the matrix's next growth (dW does not change); dropped once no growth
+                                    is left for it.
+IncreLoRA itself (--schedule increlora) is all four with the topk schedule (the top-h every dt).
+Everything lives in TriAdaptLinear's fixed-shape storage: the advance block is rows r..r+k of A, and
+its frozen entry a buffer `ahead` added to the scaled core.
 
-Usage, with `layers = triadapt.inject(model, targets, layer_cls=AdaLoRALinear, rank=12, ref_rank=8)`:
+Usage, with `layers = triadapt.inject(model, targets, layer_cls=IncreLoRALinear, core="diagonal", advance=4)`:
 
-    allocator = AdaLoRAAllocator(layers, total_steps=T, init_warmup=100, interval=10)
-    for t in range(1, T + 1):
-        loss = model(x, y) + lam * orthogonal_penalty(layers); loss.backward()
-        clip_grad_norm_(params, 1.0); optimizer.step()
-        allocator.step(t, optimizer)   # before zero_grad(): it reads p.grad; no tensor is replaced
-        optimizer.zero_grad()
+    allocator = IncreLoRAAllocator(layers, total_steps=T, schedule="topk", importance="sensitivity",
+                                   block_warmup=10, optimizer=opt)   # opt: to reset new blocks' moments
+    ...  # then the loop of triadapt.RankAllocator: update_and_allocate(t) after every optimizer step
 
-`python -m pytest tests/test_baselines.py` checks the math against values computed by hand.
+`python -m pytest tests/test_baselines.py tests/test_variants.py` checks the math against hand values.
 """
+import math
+
 import torch
 import torch.nn as nn
 
 import triadapt
+
+# ----------------------------------------------------------------------------- LoRA
+
+class LoRALinear(nn.Module):
+    """Plain LoRA in the same code path: y = x W^T + b + (alpha / r) * (x A^T) B^T."""
+
+    def __init__(self, base: nn.Linear, rank=8, alpha=16.0, init_std=0.02):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.scale, self.rank = alpha / rank, rank
+        w = base.weight
+        self.A = nn.Parameter(torch.randn(rank, base.in_features, device=w.device, dtype=w.dtype) * init_std)
+        self.B = nn.Parameter(torch.zeros(base.out_features, rank, device=w.device, dtype=w.dtype))
+
+    @property
+    def n_trainable(self):
+        """r (d_in + d_out)."""
+        return self.rank * (self.base.in_features + self.base.out_features)
+
+    def delta_weight(self):
+        return self.scale * self.B @ self.A  # (d_out, d_in)
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.A.t()) @ (self.scale * self.B).t()  # s on the small factor
+
+    def adapter_entry(self):
+        return {"kind": "lora", "alpha": self.scale * self.rank, "A": self.A, "B": self.B}
+
+
+def load_lora(model, name, entry):
+    (layer,) = triadapt.inject(model, [name], layer_cls=LoRALinear, rank=len(entry["A"]),
+                               alpha=entry["alpha"]).values()
+    with torch.no_grad():
+        layer.A.copy_(entry["A"])
+        layer.B.copy_(entry["B"])
+    return layer
 
 
 # ----------------------------------------------------------------------------- AdaLoRA
@@ -88,6 +138,7 @@ class AdaLoRALinear(nn.Module):
         # persistent: a resumed run must mask the same triplets in its final phase
         self.register_buffer("live", torch.ones(rank, dtype=torch.bool, device=w.device))  # (r,)
         self._live_count = rank  # a host copy of live.sum(), so that reading `rank` never syncs
+        self.register_buffer("gram_mask", torch.ones(rank, rank, **kw), persistent=False)  # (r, r) for R_orth
         self.merged = False
 
     @property
@@ -126,9 +177,7 @@ class AdaLoRALinear(nn.Module):
         h = (x @ self.A.t()) * self.E               # (..., r)
         return y + h @ (self.scale * self.B).t()    # (..., d_out), s on the small factor
 
-    # W <- W + dW and back, exactly as TriAdaptLinear does it (they need only base, merged, delta_weight)
-    merge = triadapt.TriAdaptLinear.merge
-    unmerge = triadapt.TriAdaptLinear.unmerge
+    merge, unmerge = triadapt.TriAdaptLinear.merge, triadapt.TriAdaptLinear.unmerge  # they use delta_weight
 
     def extra_repr(self):
         return (f"d_in={self.base.in_features}, d_out={self.base.out_features}, "
@@ -154,8 +203,8 @@ def load_adalora(model, name, entry):
 class AdaLoRAAllocator:
     """Scores the triplets of AdaLoRALinear layers and masks them down to the cubic budget b(t).
 
-    Called like triadapt.RankAllocator, step(t, optimizer) once per optimizer step t, but before
-    zero_grad(), since it reads p.grad. The optimizer is never touched (no tensor changes shape).
+    Called like triadapt.RankAllocator, update_and_allocate(t) once per optimizer step t, before
+    zero_grad(), since it reads p.grad. No tensor changes shape.
     `sync`, if given, maps the dict {name: triplet scores (r,)} of a masking step to the dict used
     (e.g. rank 0's values broadcast to every process, so all keep the same triplets).
     """
@@ -213,7 +262,7 @@ class AdaLoRAAllocator:
         grads = [p.grad for _, _, p in self.params]
         if any(g is None for g in grads):
             missing = [f"{n}.{key}" for (n, key, _), g in zip(self.params, grads) if g is None]
-            raise RuntimeError(f"no gradient for {', '.join(missing)}: call AdaLoRAAllocator.step(t) after "
+            raise RuntimeError(f"no gradient for {', '.join(missing)}: call update_and_allocate(t) after "
                                f"optimizer.step() and before optimizer.zero_grad()")
         I = torch._foreach_mul([p.float() for _, _, p in self.params], [g.float() for g in grads])
         torch._foreach_abs_(I)
@@ -251,9 +300,9 @@ class AdaLoRAAllocator:
                 changed.append(name)
         return changed
 
-    def step(self, t, optimizer=None):
+    def update_and_allocate(self, t):
         """Call right after optimizer step t (t counts from 1), before zero_grad(). Returns the names whose
-        live count changed; the optimizer is unused (kept for RankAllocator's protocol)."""
+        live count changed."""
         if not self.final_mask_set:  # once the pattern is fixed the scores decide nothing
             self.update_importance()
         if t <= self.mask_start:
@@ -276,8 +325,8 @@ class AdaLoRAAllocator:
                 "scores": dict(self.scores), "events": list(self.events)}
 
     @torch.no_grad()
-    def load_state_dict(self, state, optimizer=None):
-        """Restore the moving averages and the phase; the optimizer is unused (RankAllocator's protocol)."""
+    def load_state_dict(self, state):
+        """Restore the moving averages and the phase (the live masks come with the model's state)."""
         keys = [f"{n}.{key}" for n, key, _ in self.params]
         for name, mine in (("I_bar", self.I_bar), ("U_bar", self.U_bar)):
             for k, v in zip(keys, mine):
@@ -288,4 +337,255 @@ class AdaLoRAAllocator:
 
 
 # ----------------------------------------------------------------------------- IncreLoRA
-# IncreLoRA is TriAdaptLoRA's RankAllocator with a diagonal core and sensitivity importance: see triadapt.py.
+
+CORES = ("triangular", "diagonal")
+IMPORTANCES = ("frobenius", "sensitivity")
+ADVANCE_EPS = 1e-3  # the frozen core entry of an advance block: small, so it barely moves dW; Adam's
+                    # step size does not depend on the gradient's scale, so the block still trains
+
+
+class IncreLoRALinear(triadapt.TriAdaptLinear):
+    """TriAdaptLinear with IncreLoRA's switches: a diagonal core, sensitivity tracking, an advance block."""
+
+    def __init__(self, base: nn.Linear, rank=1, alpha=16.0, ref_rank=8, init_std=0.02, core="triangular",
+                 advance=0):
+        if core not in CORES:
+            raise ValueError(f"unknown core {core!r}: choose one of {', '.join(CORES)}")
+        self.core_kind, self.advance = core, 0  # read by open_block() and grow() in the base's __init__
+        super().__init__(base, rank, alpha, ref_rank, init_std)
+        self.track_sensitivity = False  # set by IncreLoRAAllocator(importance="sensitivity")
+        self.grad_dW = self._dW = None  # (d_out, d_in): dL/ddW of this step, and dW before the step
+        self.register_buffer("ahead", torch.zeros_like(self.L), persistent=False)  # (c, c), s eps on advance
+        self.frozen_ahead = advance > 0  # a Python flag read by forward: changes once, at drop_advance()
+        if advance:
+            self.reserve(self.rank + advance)
+            self.fill_advance(self.rank, advance)
+
+    @property
+    def n_trainable(self):
+        core = self.rank if self.core_kind == "diagonal" else 2 * sum((hi - lo) * hi for lo, hi in self.blocks())
+        return (self.rank + self.advance) * sum(self.base.weight.shape) + core
+
+    def open_block(self, lo, hi):
+        if self.core_kind == "triangular":
+            return super().open_block(lo, hi)
+        diag = torch.arange(lo, hi)
+        self.L_mask[diag, diag] = self.scale  # diag(lambda) only: U is never used
+        self.gram_mask[:hi, :hi] = 1
+
+    def scaled_core(self):
+        sC = super().scaled_core()                          # (c, c)
+        return sC + self.ahead if self.frozen_ahead else sC
+
+    def reserve(self, n):
+        super().reserve(n)
+        if hasattr(self, "ahead") and self.ahead.shape != self.L.shape:  # re-created: the buffer follows
+            old, self.ahead = self.ahead, torch.zeros_like(self.L)
+            self.ahead[:old.shape[0], :old.shape[1]] = old
+
+    @torch.no_grad()
+    def fill_advance(self, lo, n):
+        """Advance rows lo.. lo + n - 1: fresh A rows ~ N(0, init_std^2) from row lo + (kept rows) on, B = 0."""
+        n = min(n, self.capacity - self.rank)  # at the cap the block shrinks to what is left
+        fresh = self.rank + n - lo
+        if fresh > 0:
+            self.A[lo:lo + fresh] = torch.randn(fresh, self.A.shape[1], device=self.A.device,
+                                                dtype=self.A.dtype) * self.init_std
+            self.B[:, lo:lo + fresh] = 0
+        r = self.rank
+        self.ahead.zero_()
+        self.ahead[range(r, r + n), range(r, r + n)] = self.scale * ADVANCE_EPS
+        self.advance = n
+
+    @torch.no_grad()
+    def grow(self, k):
+        """As TriAdaptLinear.grow, but the advance block's rows go live first, values kept, with their
+        frozen eps as their core entry (dW does not change); then the advance block is refilled."""
+        a = self.advance
+        if not a:
+            return super().grow(k)
+        r, live = self.rank, min(k, a)
+        if self.merged or k < 1 or r + k > self.max_rank:
+            return super().grow(k)  # raises its error
+        self.reserve(r + k + a)
+        if k > live:
+            self.A[r + live:r + k] = torch.randn(k - live, self.A.shape[1], device=self.A.device,
+                                                 dtype=self.A.dtype) * self.init_std
+        self.L[r:r + k, :r + k] = 0
+        self.L[r:r + k, r:r + k] = torch.eye(k, device=self.L.device, dtype=self.L.dtype)
+        self.L[range(r, r + live), range(r, r + live)] = ADVANCE_EPS
+        self.U[:r + k, r:r + k] = 0
+        self.block_sizes.append(k)
+        self.open_block(r, r + k)
+        self.fill_advance(r + max(k, a), a)  # rows r + k .. r + a trained ahead and stay; fresh ones after
+
+    @torch.no_grad()
+    def drop_advance(self):
+        """No growth is left for the advance block: zero it (dW loses its eps-sized term)."""
+        r, a = self.rank, self.advance
+        self.A[r:r + a] = 0
+        self.B[:, r:r + a] = 0
+        self.ahead.zero_()
+        self.advance, self.frozen_ahead = 0, False
+
+    def forward(self, x):
+        y = super().forward(x)
+        if self.track_sensitivity and y.requires_grad:
+            # the sensitivity sum |dW * dL/ddW| needs dL/ddW = g^T x: the hook builds it from the gradient g
+            # of this output (one d_out x d_in matmul a call, like a frozen W's gradient)
+            y.register_hook(lambda g, x=x.detach(): self._observe(x, g))
+        return y
+
+    @torch.no_grad()
+    def _observe(self, x, g):
+        """dL/ddW += g^T x, summed over micro-steps; and dW before the optimizer moves it (once a step)."""
+        if self._dW is None:
+            self._dW = self.delta_weight().float()                                          # (d_out, d_in)
+        G = g.reshape(-1, g.shape[-1]).t().float() @ x.reshape(-1, x.shape[-1]).float()  # (d_out, d_in)
+        self.grad_dW = G if self.grad_dW is None else self.grad_dW.add_(G)
+
+    @torch.no_grad()
+    def take_sensitivity(self):
+        """I = sum |dW * dL/ddW| / sqrt(d_out d_in) of the gradient gathered since the last call (0 if none)."""
+        G, dW, self.grad_dW, self._dW = self.grad_dW, self._dW, None, None
+        if G is None:
+            return self.A.new_zeros((), dtype=torch.float32)
+        return (dW * G).abs().sum() / math.sqrt(dW.numel())
+
+    def adapter_entry(self):
+        entry = {**super().adapter_entry(), "kind": "increlora", "core": self.core_kind,
+                 "alpha": self.scale * self.ref_rank, "ref_rank": self.ref_rank}
+        if self.advance:  # the advance block is part of dW (its eps-sized term)
+            r = self.rank
+            entry.update(A_next=self.A[r:r + self.advance], B_next=self.B[:, r:r + self.advance])
+        return entry
+
+
+def load_increlora(model, name, entry):
+    first, *rest = entry["block_sizes"]
+    advance = len(entry["A_next"]) if "A_next" in entry else 0
+    (layer,) = triadapt.inject(model, [name], layer_cls=IncreLoRALinear, rank=first, alpha=entry["alpha"],
+                               ref_rank=entry["ref_rank"], core=entry["core"], advance=advance).values()
+    for k in rest:
+        layer.grow(k)
+    layer.load_entry(entry)
+    if advance:
+        r = layer.rank
+        with torch.no_grad():
+            layer.A[r:r + advance] = entry["A_next"]
+            layer.B[:, r:r + advance] = entry["B_next"]
+    return layer
+
+
+class IncreLoRAAllocator(triadapt.RankAllocator):
+    """triadapt.RankAllocator with IncreLoRA's switches: sensitivity importance, block warmup, advance blocks.
+
+    importance="sensitivity" scores every matrix by its smoothed sensitivity times its uncertainty,
+
+        I_bar <- b1 I_bar + (1 - b1) I,   U_bar <- b2 U_bar + (1 - b2) |I - I_bar|,   score = I_bar U_bar,
+
+    measured every step from I = sum |dW * dL/ddW| / sqrt(d_out d_in) (dL/ddW summed over micro-steps and,
+    through `reduce`, over processes before the abs). block_warmup = N moves a block born at t0 by
+    min(1, (t - t0) / N) of its update at step t. `optimizer`, if given, has the Adam moments of a block
+    that goes live or is refilled set to zero (the advance block trained ahead with its own).
+    """
+
+    def __init__(self, layers, total_steps, importance="frobenius", betas=(0.85, 0.85), block_warmup=0,
+                 reduce=None, optimizer=None, **kwargs):
+        if importance not in IMPORTANCES:
+            raise ValueError(f"unknown importance {importance!r}: choose one of {', '.join(IMPORTANCES)}")
+        super().__init__(layers, total_steps, **kwargs)
+        self.importance_kind, self.betas, self.block_warmup = importance, betas, block_warmup
+        self.reduce, self.optimizer = reduce, optimizer
+        for layer in self.layers.values():
+            layer.track_sensitivity = importance == "sensitivity"
+        device = next(iter(self.layers.values())).A.device
+        self.I_bar = torch.zeros(len(self.layers), device=device)  # (n_layers,) sensitivity averages
+        self.U_bar = torch.zeros(len(self.layers), device=device)  # (n_layers,) uncertainty averages
+        self.young = []  # [(name, lo, hi, born t0, values before this step)]: blocks still in their warmup
+        self.drop_spent_advance()
+
+    def update_and_allocate(self, t):
+        self.warm_up_blocks(t)
+        if self.importance_kind == "sensitivity" and self.total_rank < self.target_total_rank:
+            self.observe()
+        grown = super().update_and_allocate(t)
+        self.drop_spent_advance()
+        self.remember_young(t)
+        return grown
+
+    def importance(self):
+        if self.importance_kind == "frobenius":
+            return super().importance()
+        return self.sync(dict(zip(self.layers, (self.I_bar * self.U_bar).tolist())))
+
+    @torch.no_grad()
+    def observe(self):
+        if self.reduce is not None:  # several processes: each has dL/ddW of its share of the batch
+            self.reduce([l.grad_dW for l in self.layers.values() if l.grad_dW is not None])
+        I = torch.stack([l.take_sensitivity() for l in self.layers.values()])  # (n_layers,)
+        b1, b2 = self.betas
+        self.I_bar.mul_(b1).add_((1 - b1) * I)
+        self.U_bar.mul_(b2).add_((1 - b2) * (I - self.I_bar).abs())
+
+    def block_slices(self, name, lo, hi):
+        """Where block lo:hi lives: rows of A and L (P_j), columns of B and U (Q_j)."""
+        layer, cols = self.layers[name], (slice(None), slice(lo, hi))
+        return [(layer.A, slice(lo, hi)), (layer.B, cols), (layer.L, slice(lo, hi)), (layer.U, cols)]
+
+    @torch.no_grad()
+    def remember_young(self, t):
+        """The values of the blocks that step t + 1 will still warm up, before that step moves them."""
+        self.young = [(name, lo, hi, t0, [p[sl].clone() for p, sl in self.block_slices(name, lo, hi)])
+                      for name, lo, hi, t0, _ in self.young if t + 1 - t0 < self.block_warmup]
+
+    @torch.no_grad()
+    def warm_up_blocks(self, t):
+        for name, lo, hi, t0, before in self.young:
+            f = min(1.0, (t - t0) / self.block_warmup)
+            for (p, sl), b in zip(self.block_slices(name, lo, hi), before):
+                p[sl] = b + f * (p[sl] - b)  # the update at lr(t) f instead of lr(t)
+
+    def grow(self, t, name, k):
+        layer = self.layers[name]
+        lo, a = layer.rank, layer.advance
+        super().grow(t, name, k)
+        if a:  # the block that went live and the refilled one start with zero moments
+            self.zero_moments(layer, lo, layer.rank + layer.advance)
+        if self.block_warmup:
+            self.young.append((name, lo, layer.rank, t, None))
+
+    @torch.no_grad()
+    def zero_moments(self, layer, lo, hi):
+        """Adam's exp_avg and exp_avg_sq of A's rows and B's columns lo:hi back to zero."""
+        for p, sl in ((layer.A, slice(lo, hi)), (layer.B, (slice(None), slice(lo, hi)))):
+            for v in (self.optimizer.state.get(p, {}) if self.optimizer is not None else {}).values():
+                if torch.is_tensor(v) and v.shape == p.shape:
+                    v[sl] = 0
+
+    def drop_spent_advance(self):
+        """Advance blocks go once no growth is left for them (budget spent, or at the cap), and sensitivity
+        is no longer measured once the budget is spent (it decides nothing any more)."""
+        spent_all = self.total_rank >= self.target_total_rank
+        for name, layer in self.layers.items():
+            if spent_all:
+                layer.track_sensitivity, layer.grad_dW, layer._dW = False, None, None
+            if layer.advance and (spent_all or layer.rank >= self.caps[name]):
+                self.zero_moments(layer, layer.rank, layer.rank + layer.advance)
+                layer.drop_advance()
+
+    def state_dict(self):
+        young = [(n, lo, hi, t0, [b.cpu() for b in before]) for n, lo, hi, t0, before in self.young]
+        return {**super().state_dict(), "I_bar": self.I_bar.tolist(), "U_bar": self.U_bar.tolist(),
+                "young": young}  # float32 -> float -> float32 is exact
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.drop_spent_advance()
+        self.I_bar.copy_(torch.tensor(state["I_bar"]))
+        self.U_bar.copy_(torch.tensor(state["U_bar"]))
+        device = self.I_bar.device
+        self.young = [(n, lo, hi, t0, [b.to(device) for b in before]) for n, lo, hi, t0, before in state["young"]]
+
+
+BUILDERS = {"lora": load_lora, "adalora": load_adalora, "increlora": load_increlora}  # for triadapt.load_adapter

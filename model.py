@@ -3,7 +3,7 @@ A small transformer written by hand, in the manner of nanoGPT: token + learned p
 n_layer pre-LayerNorm blocks, a final LayerNorm and an output head tied to the token embedding.
 
     x = wte(idx) + wpe(pos)                                   # (B, T, C)
-    x = x + attn.out_proj(softmax(q k^T / sqrt(d) + mask) v)  # q, k, v = q_proj(x), k_proj(x), v_proj(x) of ln_1(x)
+    x = x + attn.out_proj(softmax(q k^T / sqrt(d) + mask) v)  # q, k, v = q_proj, k_proj, v_proj of ln_1(x)
     x = x + mlp.fc_out(gelu(mlp.fc_in(ln_2(x))))
     logits = ln_f(x) @ wte^T                                  # (B, T, vocab_size)
 
@@ -121,7 +121,8 @@ class GPT(nn.Module):
         logits = self.lm_head(self.hidden(idx))  # (B, T, vocab_size)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
+                                   ignore_index=-1)
         return logits, loss
 
     def classify(self, idx, labels=None):

@@ -15,20 +15,22 @@ import os
 
 import torch
 
+import baselines
 import data
+import tasks
 import triadapt
 from model import GPT, GPTConfig
 
 SCHEDULES = ("linear", "exponential", "topk", "lora", "adalora", "increlora", "full")
-TASKS = ("lm",) + tuple(data.GLUE_TASKS) + ("classify",)  # classify: the old name of package, refused below
+TASKS = ("lm",) + tuple(tasks.GLUE_TASKS) + ("classify",)  # classify: the old name of package, refused below
 GROWING = triadapt.SCHEDULES + ("increlora",)  # the schedules RankAllocator drives
 TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out")
 # Flags that change what a run computes: --resume refuses a checkpoint made with other values.
-TRAJECTORY = ("arch", "task", "n_layer", "n_head", "n_embd", "block_size", "data", "dtype", "batch_size", "seed",
-              "iters", "lr", "lr_warmup", "weight_decay", "init_from")
+TRAJECTORY = ("arch", "task", "n_layer", "n_head", "n_embd", "block_size", "data", "dtype", "batch_size",
+              "seed", "iters", "lr", "lr_warmup", "weight_decay", "init_from")
 ADAPTER_TRAJECTORY = ("targets", "ref_rank", "alpha")                     # lora and the growing schedules
-GROWTH_TRAJECTORY = ("init_rank", "rank_step", "budget", "max_rank", "warmup", "interval", "top_k", "orth_reg",
-                     "core", "importance", "block_warmup", "advance")
+GROWTH_TRAJECTORY = ("init_rank", "rank_step", "budget", "max_rank", "warmup", "interval", "top_k",
+                     "orth_reg", "core", "importance", "block_warmup", "advance")
 INCRELORA_FIXED = ("core", "importance", "advance")  # increlora's own choices, whatever the flags say
 ADALORA_TRAJECTORY = ("budget", "warmup", "interval", "orth_reg", "adalora_init_rank", "final_warmup")
 PRETRAIN_TRAJECTORY = ("base_data", "pretrain_iters", "pretrain_lr")  # they make the base, unless --init-from
@@ -64,22 +66,26 @@ def build_parser():
                    help="gpt: causal decoder pretrained on next-byte prediction; "
                         "encoder: bidirectional, pretrained with 15%% masked bytes")
     p.add_argument("--task", default="lm", choices=TASKS, metavar="{" + ",".join(TASKS) + "}",
-                   help="lm: fine-tune on the documentation text; the understanding tasks (need --arch encoder): "
-                        + "; ".join(f"{k}: {v}" for k, v in data.GLUE_TASKS.items()))
+                   help="lm: fine-tune on the documentation text; "
+                        "the understanding tasks (need --arch encoder): "
+                        + "; ".join(f"{k}: {v}" for k, v in tasks.GLUE_TASKS.items()))
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto picks cuda when available")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bf16"),
                    help="auto: bf16 autocast on a CUDA GPU that supports it, float32 otherwise")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the training step; recompiled after each growth round "
-                        "(checkpoints hold the uncompiled model)")
+                   help="torch.compile the training step, once a run (and once more if an adapter's capacity "
+                        "doubles; a growth writes in place); checkpoints hold the uncompiled model")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager is for tests)")
+    p.add_argument("--compile-mode", default=None, choices=("default", "reduce-overhead", "max-autotune"),
+                   help="torch.compile mode; reduce-overhead captures the step as CUDA graphs on a GPU")
     p.add_argument("--data", default=None,
                    help="fine-tuning text file (default: Python's own documentation, pydoc_data.topics)")
     p.add_argument("--base-data", default=None,
                    help="pretraining text file (default: the standard library's .py sources)")
     p.add_argument("--init-from", default=None,
-                   help="a base checkpoint to fine-tune instead of pretraining one; the model shape comes from it")
+                   help="a base checkpoint to fine-tune instead of pretraining one; "
+                        "the model shape comes from it")
     p.add_argument("--out-dir", default="out",
                    help="where caches, the base model and each run's checkpoint and metrics go")
     p.add_argument("--pretrain-iters", type=int, default=None,
@@ -111,9 +117,11 @@ def build_parser():
     p.add_argument("--seed", type=int, default=1337,
                    help="seed of the model init, the batches and the adapters")
     p.add_argument("--resume", action="store_true",
-                   help="continue interrupted runs from <out-dir>/<run>/ckpt.pt, keep finished ones, start the others")
+                   help="continue interrupted runs from <out-dir>/<run>/ckpt.pt, keep finished ones, "
+                        "start the others")
     p.add_argument("--ref-rank", type=int, default=8,
-                   help="r_ref: average rank per matrix the budget allows; plain LoRA's rank; s = alpha / r_ref")
+                   help="r_ref: average rank per matrix the budget allows; plain LoRA's rank; "
+                        "s = alpha / r_ref")
     p.add_argument("--init-rank", type=int, default=1, help="k_0: rank of every adapter at injection")
     p.add_argument("--rank-step", type=int, default=None,
                    help="k: rank added per growth (default max(1, r_ref // 2))")
@@ -126,9 +134,10 @@ def build_parser():
                    help="t_w: no allocation round before this step (AdaLoRA: t_i, its pruning's start)")
     p.add_argument("--interval", type=int, default=5, help="dt: steps between allocation rounds")
     p.add_argument("--top-k", type=int, default=4, help="K_fixed of the topk schedule")
-    p.add_argument("--core", default="triangular", choices=triadapt.CORES,
-                   help="ablation: the core C of the growing schedules; diagonal is diag(lambda), as IncreLoRA's")
-    p.add_argument("--importance", default="frobenius", choices=triadapt.IMPORTANCES,
+    p.add_argument("--core", default="triangular", choices=baselines.CORES,
+                   help="ablation: the core C of the growing schedules; "
+                        "diagonal is diag(lambda), as IncreLoRA's")
+    p.add_argument("--importance", default="frobenius", choices=baselines.IMPORTANCES,
                    help="ablation: frobenius scores how fast ||C||_F / r moves (TriAdaptLoRA); sensitivity "
                         "the smoothed |dW * dL/ddW| x its uncertainty (IncreLoRA)")
     p.add_argument("--block-warmup", type=int, default=None,
@@ -196,8 +205,9 @@ def validate(args, explicit=()):
     bad = [t for t in args.target_list if t not in TARGETS] or ([] if args.target_list else [args.targets])
     if bad:
         raise UsageError(f"unknown target module {bad[0]!r}: choose from {', '.join(TARGETS)}")
-    for name in ("iters", "batch_size", "grad_accum", "block_size", "n_layer", "n_head", "n_embd", "eval_interval",
-                 "eval_iters", "log_interval", "ref_rank", "init_rank", "interval", "top_k", "dist_timeout"):
+    for name in ("iters", "batch_size", "grad_accum", "block_size", "n_layer", "n_head", "n_embd",
+                 "eval_interval", "eval_iters", "log_interval", "ref_rank", "init_rank", "interval", "top_k",
+                 "dist_timeout"):
         if getattr(args, name) <= 0:
             raise UsageError(f"{flag(name)} must be positive, got {getattr(args, name)}")
     for name in ("pretrain_iters", "warmup", "lr_warmup", "probe_iters", "sample_len", "block_warmup",
@@ -208,7 +218,8 @@ def validate(args, explicit=()):
         value = getattr(args, name)
         if value is not None and not math.isfinite(value):
             raise UsageError(f"{flag(name)} must be a finite number, got {value}")
-    for name in ("lr", "pretrain_lr", "alpha", "rank_step", "budget", "max_rank", "stop_after", "adalora_init_rank"):
+    for name in ("lr", "pretrain_lr", "alpha", "rank_step", "budget", "max_rank", "stop_after",
+                 "adalora_init_rank"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UsageError(f"{flag(name)} must be positive, got {getattr(args, name)}")
     for name in ("orth_reg", "weight_decay"):
@@ -221,14 +232,16 @@ def validate(args, explicit=()):
     if args.n_embd % args.n_head:
         raise UsageError(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
     if args.warmup >= args.iters:
-        raise UsageError(f"--warmup {args.warmup} must be below --iters {args.iters}: no allocation round could happen")
+        raise UsageError(f"--warmup {args.warmup} must be below --iters {args.iters}: "
+                         f"no allocation round could happen")
     if args.task == "classify":
         raise UsageError("--task classify is now --task package, one of the understanding tasks "
-                         f"{', '.join(data.GLUE_TASKS)}")
-    if args.task in data.GLUE_TASKS and args.arch != "encoder":
+                         f"{', '.join(tasks.GLUE_TASKS)}")
+    if args.task in tasks.GLUE_TASKS and args.arch != "encoder":
         raise UsageError(f"--task {args.task} needs --arch encoder")
     if args.init_rank > args.n_embd:
-        raise UsageError(f"--init-rank {args.init_rank} exceeds the smallest adapted dimension, --n-embd {args.n_embd}")
+        raise UsageError(f"--init-rank {args.init_rank} exceeds the smallest adapted dimension, "
+                         f"--n-embd {args.n_embd}")
     n_matrices = args.n_layer * len(args.target_list)
     args.budget_total = args.budget or args.ref_rank * n_matrices
     args.rank_step_k = args.rank_step or max(1, args.ref_rank // 2)
@@ -271,8 +284,8 @@ def take_shape_from_base(args, explicit):
              "n_head": cfg["n_head"], "n_embd": cfg["n_embd"], "block_size": cfg["block_size"]}
     for key, value in shape.items():
         if key in explicit and getattr(args, key) != value:
-            raise UsageError(f"{flag(key)} {getattr(args, key)} contradicts the base checkpoint {args.init_from}, "
-                             f"which has {key} {value} (drop the flag)")
+            raise UsageError(f"{flag(key)} {getattr(args, key)} contradicts the base checkpoint "
+                             f"{args.init_from}, which has {key} {value} (drop the flag)")
         setattr(args, key, value)
 
 
@@ -297,8 +310,9 @@ def validate_processes(args):
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda, but CUDA is not available here (try --device cpu)")
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    if cuda and args.world > 1 and int(os.environ.get("LOCAL_WORLD_SIZE", args.world)) > torch.cuda.device_count():
-        raise UsageError(f"{os.environ.get('LOCAL_WORLD_SIZE', args.world)} processes on this machine, but only "
+    local = os.environ.get("LOCAL_WORLD_SIZE", args.world)
+    if cuda and args.world > 1 and int(local) > torch.cuda.device_count():
+        raise UsageError(f"{local} processes on this machine, but only "
                          f"{torch.cuda.device_count()} GPU(s): one GPU per process")
     args.device_name = (f"cuda:{args.local_rank}" if args.world > 1 else "cuda") if cuda else "cpu"
     if args.dtype == "bf16" and cuda and not torch.cuda.is_bf16_supported():
@@ -319,11 +333,12 @@ def check_adalora(args):
         raise UsageError(f"--adalora-init-rank {args.adalora_rank} exceeds the smallest adapted dimension, "
                          f"--n-embd {args.n_embd}")
     if args.adalora_rank * n_matrices < args.budget_total:
-        raise UsageError(f"adalora starts with {args.adalora_rank} x {n_matrices} = {args.adalora_rank * n_matrices}"
-                         f" triplets, below the budget {args.budget_total}: it could only prune")
+        raise UsageError(f"adalora starts with {args.adalora_rank} x {n_matrices} = "
+                         f"{args.adalora_rank * n_matrices} triplets, below the budget {args.budget_total}: "
+                         f"it could only prune")
     if args.warmup + args.adalora_final >= args.iters:
-        raise UsageError(f"--warmup {args.warmup} + --final-warmup {args.adalora_final} leave no pruning steps "
-                         f"in --iters {args.iters}")
+        raise UsageError(f"--warmup {args.warmup} + --final-warmup {args.adalora_final} "
+                         f"leave no pruning steps in --iters {args.iters}")
 
 
 def check_resume(args):
@@ -334,7 +349,8 @@ def check_resume(args):
     partial = glob.glob(os.path.join(args.out_dir, "base", "*.partial.pt"))
     if all(s == "new" for s in args.status.values()) and not partial:
         path = os.path.join(run_dir(args, args.schedules[0]), "ckpt.pt")
-        raise UsageError(f"nothing to resume: checkpoint {path} does not exist, nor an interrupted pretraining")
+        raise UsageError(f"nothing to resume: checkpoint {path} does not exist, "
+                         f"nor an interrupted pretraining")
 
 
 def run_status(args, schedule):
@@ -348,7 +364,8 @@ def run_status(args, schedule):
     if ckpt.get("schedule") != schedule:
         raise UsageError(f"checkpoint {path} is from schedule {ckpt.get('schedule')!r}, not {schedule!r}")
     check_same_settings(ckpt["args"], args, path, schedule)
-    done = ckpt["step"] >= args.iters and os.path.exists(os.path.join(run_dir(args, schedule), "metrics.json"))
+    finished = os.path.exists(os.path.join(run_dir(args, schedule), "metrics.json"))
+    done = ckpt["step"] >= args.iters and finished
     return "done" if done else "resume"
 
 

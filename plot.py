@@ -406,6 +406,7 @@ def colour_bar(x, top, height, lo, hi):
 
 
 def mean_std(xs):
+    """(mean, sample standard deviation) of xs; the deviation of a single value is 0."""
     return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 

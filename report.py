@@ -21,6 +21,7 @@ import torch
 import baselines
 import data
 import plot
+import tasks
 import triadapt
 from options import TARGETS, public_args
 
@@ -55,11 +56,13 @@ def report(args, run, folder, base_ckpt):
     val, test = task.evaluate(model, "val"), task.evaluate(model, "test")
     metrics = {"schedule": run.extra["schedule"], "run": run.name, "val_loss_before": before["loss"],
                "val_loss": val["loss"], "test_loss": test["loss"],
-               "trainable_params": triadapt.count_trainable(model), "max_trainable_params": run.extra["max_held"],
+               "trainable_params": triadapt.count_trainable(model),
+               "max_trainable_params": run.extra["max_held"],
                "peak_lr": run.peak_lr,
                "rank_pattern": {n: l.rank for n, l in layers.items()},
                "total_rank": sum(l.rank for l in layers.values()),
-               "block_sizes": {n: list(l.block_sizes) for n, l in layers.items() if hasattr(l, "block_sizes")},
+               "block_sizes": {n: list(l.block_sizes) for n, l in layers.items()
+                               if hasattr(l, "block_sizes")},
                "growth_events": run.allocator.events if run.allocator else [], "seconds": run.seconds,
                "world_size": args.world, "config": public_args(args), "history": run.history}
     for key in [k for k in val if k != "loss"]:  # acc, and the task's own metric (mcc, f1)
@@ -70,9 +73,11 @@ def report(args, run, folder, base_ckpt):
         metrics["metric"] = task.metric
     adapter_path = save_adapter(args, run, folder, base_ckpt)  # before metrics.json, which marks the run done
     save_json(metrics, os.path.join(folder, "metrics.json"))
-    save_text(plot.run_report(metrics, folder), os.path.join(folder, "report.svg"))  # drawn from metrics.json alone
+    # the picture is drawn from metrics.json alone
+    save_text(plot.run_report(metrics, folder), os.path.join(folder, "report.svg"))
     print(f"\n[{run.name}] val loss {before['loss']:.4f} -> {val['loss']:.4f} (test {test['loss']:.4f})"
-          + "".join(f", val {k} {before[k]:.3f} -> {val[k]:.3f} (test {test[k]:.3f})" for k in val if k != "loss")
+          + "".join(f", val {k} {before[k]:.3f} -> {val[k]:.3f} (test {test[k]:.3f})"
+                    for k in val if k != "loss")
           + f"; {metrics['trainable_params']:,} trainable parameters; {run.seconds:.1f} s")
     if layers:
         print(f"final ranks (total {metrics['total_rank']}):\n{rank_table(layers)}")
@@ -82,14 +87,42 @@ def report(args, run, folder, base_ckpt):
         gen = torch.Generator(device=args.device_name).manual_seed(args.seed)
         prompt = torch.tensor([data.encode("The ")], device=args.device_name)
         model.eval()
-        with data.amp(args.device_name, args.dtype):
+        with tasks.amp(args.device_name, args.dtype):
             out = model.generate(prompt, args.sample_len, temperature=0.8, top_k=50, generator=gen)
         print("sample:\n" + data.decode(out[0].tolist()))
     return metrics
 
 
 ADAPTER_FORMAT = "triadapt-adapter-1"  # the "format" entry of every adapter.pt
-ADAPTER_BUILDERS = {"adalora": baselines.load_adalora}  # layers of baselines.py, for triadapt.load_adapter
+
+
+def adapter_state(layers):
+    """{name: entry}: every layer's adapter_entry() on the CPU (a copy: training goes on)."""
+    return {name: {k: v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v
+                   for k, v in layer.adapter_entry().items()} for name, layer in layers.items()}
+
+
+def load_adapter(model, state, alpha=16.0, ref_rank=8, builders=baselines.BUILDERS):
+    """Wrap, in place, the linears of `model` named in `state` (adapter_state's output) and load them.
+
+    A TriAdaptLinear is made at its first block's size, grown by each later block, then loaded.
+    `builders` maps an entry's "kind" (a baseline's layer) to a function (model, name, entry) -> layer.
+    """
+    layers = {}
+    for name, entry in state.items():
+        kind = entry.get("kind")
+        if kind is not None:
+            if kind not in (builders or {}):
+                raise ValueError(f"{name}: no builder for adapter kind {kind!r}")
+            layers[name] = builders[kind](model, name, entry)
+            continue
+        first, *rest = entry["block_sizes"]
+        (layer,) = triadapt.inject(model, [name], rank=first, alpha=alpha, ref_rank=ref_rank).values()
+        for k in rest:
+            layer.grow(k)
+        layer.load_entry(entry)
+        layers[name] = layer
+    return layers
 
 
 def state_fingerprint(state):
@@ -110,11 +143,11 @@ def save_adapter(args, run, folder, base_ckpt):
     is the whole state_dict."""
     model, full = run.model, run.extra["schedule"] == "full"
     head = model.cls_head.state_dict() if model.cls_head is not None and not full else None
-    adapter = {"format": ADAPTER_FORMAT, "schedule": run.extra["schedule"], "run": run.name, "arch": args.arch,
-               "task": args.task,
+    adapter = {"format": ADAPTER_FORMAT, "schedule": run.extra["schedule"], "run": run.name,
+               "arch": args.arch, "task": args.task,
                "targets": list(args.target_list), "alpha": args.alpha, "ref_rank": args.ref_rank,
                "n_classes": model.config.n_classes, "model_config": asdict(model.config),
-               "layers": triadapt.adapter_state(run.layers),  # {name: block_sizes (or rank) and factors}
+               "layers": adapter_state(run.layers),  # {name: block_sizes (or rank) and factors}
                "cls_head": {k: v.detach().cpu() for k, v in head.items()} if head else None,
                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()} if full else None,
                "base_path": base_ckpt.get("path"), "base_fingerprint": state_fingerprint(base_ckpt["model"])}
@@ -153,7 +186,8 @@ def rank_table(layers):
 def comparison_table(results):
     """One row per run: losses, the task's metric (acc, and mcc or f1) before and after, parameters."""
     metric = results[0].get("metric")
-    keys = ["acc"] + ([metric] if metric and metric != "acc" else []) + (["f1"] if "val_f1" in results[0] else [])
+    keys = (["acc"] + ([metric] if metric and metric != "acc" else [])
+            + (["f1"] if "val_f1" in results[0] else []))
     width = max(12, *(len(m.get("run", m["schedule"])) for m in results))
     head = (f"{'schedule':<{width}} {'val before':>10} {'val after':>10} {'test':>8}"
             + "".join(f" {'val ' + k:>8} {'test ' + k:>8}" for k in keys if f"val_{k}" in results[0])
@@ -162,6 +196,7 @@ def comparison_table(results):
     for m in results:
         cells = "".join(f" {m[f'val_{k}']:>8.3f} {m[f'test_{k}']:>8.3f}" for k in keys if f"val_{k}" in m)
         rank = m["total_rank"] if m["rank_pattern"] else "-"
-        lines.append(f"{m.get('run', m['schedule']):<{width}} {m['val_loss_before']:>10.4f} {m['val_loss']:>10.4f} "
-                     f"{m['test_loss']:>8.4f}{cells} {m['trainable_params']:>10,} {rank:>6} {m['seconds']:>8.1f}")
+        lines.append(f"{m.get('run', m['schedule']):<{width}} {m['val_loss_before']:>10.4f} "
+                     f"{m['val_loss']:>10.4f} {m['test_loss']:>8.4f}{cells} "
+                     f"{m['trainable_params']:>10,} {rank:>6} {m['seconds']:>8.1f}")
     return "\n".join(lines)

@@ -26,8 +26,8 @@ and writes {"model": state_dict, "config": GPTConfig as a dict}, the format of a
 model.py loads it with no adapter code, and `train.py --init-from merged.pt` fine-tunes it further.
 
 Bad input (a missing run or adapter, a base that is not the adapter's, a prompt longer than the
-context, a non-positive count or temperature, --device cuda without CUDA, a truncated file) exits
-with status 2 and one line on stderr.
+context, a non-positive count or temperature, --device cuda without CUDA, a truncated file, an
+--export path that cannot be written) exits with status 2 and one line on stderr.
 """
 import argparse
 import math
@@ -41,11 +41,10 @@ import torch.nn.functional as F
 import data
 import options
 import report
-import train
+import tasks
 import triadapt
 from model import GPT, GPTConfig
-
-UsageError = train.UsageError
+from options import UsageError, load_checkpoint
 
 
 def build_parser():
@@ -53,13 +52,16 @@ def build_parser():
                                 formatter_class=options.HelpFormatter)
     p.add_argument("--run", default=None,
                    help="a run folder holding adapter.pt (out/<schedule>, out/<task>-<schedule>)")
-    p.add_argument("--base", default=None, help="the base checkpoint to put the adapter on, instead of the path "
-                   "recorded in adapter.pt; it must be the base the run trained on")
+    p.add_argument("--base", default=None,
+                   help="the base checkpoint to put the adapter on, instead of the path "
+                        "recorded in adapter.pt; it must be the base the run trained on")
     p.add_argument("--merged", default=None,
-                   help="a merged checkpoint (--export's output, or a base checkpoint) to use instead of --run")
+                   help="a merged checkpoint (--export's output, or a base checkpoint) "
+                        "to use instead of --run")
     p.add_argument("--export", default=None,
                    help="write the run's model, adapters merged into the base weights, to this file and exit")
-    p.add_argument("--prompt", default="The ", help="text the samples continue; FILE:path reads it from a file")
+    p.add_argument("--prompt", default="The ",
+                   help="text the samples continue; FILE:path reads it from a file")
     p.add_argument("--num-samples", type=int, default=1, help="samples to draw")
     p.add_argument("--max-new-tokens", type=int, default=200, help="bytes generated per sample")
     p.add_argument("--temperature", type=float, default=0.8,
@@ -109,7 +111,7 @@ def read_adapter(run):
     path = os.path.join(run, "adapter.pt")
     if not os.path.exists(path):
         raise UsageError(f"run folder {run} holds no adapter.pt (train.py writes it when a run finishes)")
-    adapter = train.load_checkpoint(path, "adapter")
+    adapter = load_checkpoint(path, "adapter")
     if not isinstance(adapter, dict) or adapter.get("format") != report.ADAPTER_FORMAT:
         raise UsageError(f"{path} is not an adapter file of this version ({report.ADAPTER_FORMAT})")
     return adapter, path
@@ -117,7 +119,7 @@ def read_adapter(run):
 
 def read_plain_checkpoint(path, what):
     """A base or merged checkpoint: a dict with a state_dict of tensors under "model" and a config."""
-    ckpt = train.load_checkpoint(path, what)
+    ckpt = load_checkpoint(path, what)
     state = ckpt.get("model") if isinstance(ckpt, dict) else None
     tensors = isinstance(state, dict) and all(map(torch.is_tensor, state.values()))
     if not (tensors and isinstance(ckpt.get("config"), dict)):
@@ -137,8 +139,9 @@ def read_base(adapter, adapter_path, base=None):
     ckpt = read_plain_checkpoint(path, "base checkpoint")
     found = report.state_fingerprint(ckpt["model"])
     if found != adapter["base_fingerprint"]:
-        raise UsageError(f"base checkpoint {path} is not the base of {adapter_path}: its weights' fingerprint "
-                         f"is {found[:12]}, the adapter's base has {adapter['base_fingerprint'][:12]}")
+        raise UsageError(f"base checkpoint {path} is not the base of {adapter_path}: "
+                         f"its weights' fingerprint is {found[:12]}, "
+                         f"the adapter's base has {adapter['base_fingerprint'][:12]}")
     return ckpt
 
 
@@ -155,8 +158,7 @@ def model_from_adapter(adapter, base_ckpt, adapter_path="adapter"):
             missing, unexpected = model.load_state_dict(state, strict=False)
             if unexpected or any(not k.startswith("cls_head.") for k in missing):
                 raise ValueError(f"{len(missing)} missing and {len(unexpected)} unexpected keys in the base")
-            triadapt.load_adapter(model, adapter["layers"], adapter["alpha"], adapter["ref_rank"],
-                                  builders=report.ADAPTER_BUILDERS)
+            report.load_adapter(model, adapter["layers"], adapter["alpha"], adapter["ref_rank"])
             if adapter["cls_head"] is not None:
                 model.cls_head.load_state_dict(adapter["cls_head"])
     except (ValueError, RuntimeError, KeyError) as e:
@@ -228,7 +230,7 @@ def class_probabilities(model, ids, device="cpu"):
 
 
 def labels(task, n_classes):
-    names = data.TASK_LABELS.get(task, ())
+    names = tasks.TASK_LABELS.get(task, ())
     return list(names) if len(names) == n_classes else [f"class {i}" for i in range(n_classes)]
 
 
@@ -241,9 +243,16 @@ def run(args):
         task = read_plain_checkpoint(args.merged, "merged checkpoint").get("task")
     source = args.run or args.merged
     if args.export:
-        report.atomic_save({**merged_checkpoint(model), "merged_from": args.run, "task": task}, args.export)
+        merged = {**merged_checkpoint(model), "merged_from": args.run, "task": task}
+        try:
+            report.atomic_save(merged, args.export)
+        except OSError as e:  # makedirs meets a file where a folder of the path should be: FileExistsError
+            why = "a part of its path is a file, not a folder" \
+                if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror or e
+            raise UsageError(f"--export {args.export} cannot be written: {why}") from None
         size = report.human_size(os.path.getsize(args.export))
-        what = "the fully fine-tuned model" if adapter["schedule"] == "full" else f"{len(adapter['layers'])} adapters"
+        full = adapter["schedule"] == "full"
+        what = "the fully fine-tuned model" if full else f"{len(adapter['layers'])} adapters"
         print(f"merged {what} of {args.run} into {args.export} ({size}); fine-tune it further with: "
               f"python train.py --init-from {args.export}")
         return
@@ -253,12 +262,12 @@ def run(args):
             raise UsageError(f"{source} is a classifier: give the snippet to classify with --text or --file")
         ids = read_input(args.text, "snippet") if args.file is None else list(data.read_text_file(args.file))
         if task == "pairs":  # its def line padded as in training
-            ids = list(data.pair_row(bytes(ids), config.block_size))
+            ids = list(tasks.pair_row(bytes(ids), config.block_size))
         check_fits(ids, model, "snippet")
         while task == "cola" and ids and ids[-1] in b" \t\r\n":  # its snippets end on their last token
             ids = ids[:-1]
         if task in ("cola", "pairs"):  # trained on rows padded to the block: pooling must see the same
-            ids = ids + [data.PAD] * (config.block_size - len(ids))
+            ids = ids + [tasks.PAD] * (config.block_size - len(ids))
         probs = class_probabilities(model, ids, args.device_name)
         names = labels(task, config.n_classes)
         print(f"predicted: {names[int(probs.argmax())]}")

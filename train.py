@@ -15,8 +15,7 @@ base corpus, or reuse the one saved under --out-dir/base for the same settings; 
 
     loss = task_loss + orth_reg * R_orth            # R_orth only for the triangular schedules
     lr(t) = linear warmup, then cosine decay to lr / 10, set on every param group each step
-    allocator.before_step(t)                        # sensitivity, read before the update moves dW
-    optimizer.step(); allocator.step(t, optimizer)  # may grow ranks; new blocks join the optimizer
+    optimizer.step(); allocator.update_and_allocate(t)   # may grow ranks, in place: nothing is rebuilt
 
 then print the losses, the trainable parameters and the final rank of every adapted matrix, and
 write <out-dir>/<run>/metrics.json, report.svg and adapter.pt (report.py) and ckpt.pt; several
@@ -51,6 +50,7 @@ from tqdm import tqdm
 
 import baselines
 import data
+import tasks
 import options
 import plot
 import triadapt
@@ -242,14 +242,13 @@ class Objective(torch.nn.Module):
 
 
 def wrap(run, args, procs):
-    """What the loop calls, rebuilt after every growth round. DDP hooks gradient synchronization onto
-    the parameters that exist when it is built, so blocks added by a growth would otherwise train
-    unsynchronized; rebuilding it also broadcasts rank 0's parameters, new blocks included. And a
-    fresh torch.compile per shape never reaches dynamo's recompile limit (a round costs one compile)."""
+    """What the loop calls: built once a phase, and again only when an adapter's capacity doubled (its
+    tensors were re-created). A growth writes in place, so DDP's hooks and a compiled graph stay valid:
+    every mask, rank and scale a growth changes is a tensor, never a Python number in the graph."""
     step_fn = Objective(run.model, run.task, run.layers if run.orth_reg else {})
     if args.compile:
         torch._dynamo.reset()
-        step_fn = torch.compile(step_fn, backend=args.compile_backend)
+        step_fn = torch.compile(step_fn, backend=args.compile_backend, mode=args.compile_mode)
     if procs.world > 1:
         step_fn = DDP(step_fn, device_ids=[procs.local_rank] if args.device_name.startswith("cuda") else None)
     return step_fn
@@ -312,11 +311,37 @@ def checkpoint_state(run, args, t0):
             "seconds": run.seconds + time.time() - t0, **run.extra}
 
 
+def follow_resized(optimizer, old, new):
+    """An adapter's capacity doubled: put each re-created tensor of `new` ({name: parameter}) where its
+    `old` one is in the optimizer, its state zero-padded into the new shape (the step count moves as is)."""
+    swap = {id(old[n]): p for n, p in new.items() if n in old and old[n] is not p}
+    for group in optimizer.param_groups:
+        group["params"] = [swap.get(id(p), p) for p in group["params"]]
+    for o in [o for o in list(optimizer.state) if id(o) in swap]:
+        state, n = optimizer.state.pop(o), swap[id(o)]
+        for key, v in state.items():
+            if torch.is_tensor(v) and v.shape == o.shape:
+                state[key] = v.new_zeros(n.shape)
+                state[key][tuple(slice(0, size) for size in o.shape)] = v
+        optimizer.state[n] = state
+    return bool(swap)
+
+
+def trainable(model):
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
 def restore(run, ckpt, path):
-    """Growth first (shapes and param groups), then the model's and optimizer's state, then the rest."""
+    """Growth first (capacities and masks), then the model's and optimizer's state, then the rest."""
     if run.allocator is not None:
-        run.allocator.load_state_dict(ckpt["allocator"], run.optimizer)
-    run.model.load_state_dict(ckpt["model"])
+        before = trainable(run.model)
+        run.allocator.load_state_dict(ckpt["allocator"])
+        follow_resized(run.optimizer, before, trainable(run.model))
+    try:
+        run.model.load_state_dict(ckpt["model"])
+    except RuntimeError:
+        raise UsageError(f"checkpoint {path} does not fit this model: it was written before adapters had a fixed "
+                         f"capacity and masks (start the run again without --resume)") from None
     run.optimizer.load_state_dict(ckpt["optimizer"])
     set_rng_state(ckpt["rng"], run.batch_gen)
     run.step, run.history, run.seconds = ckpt["step"], ckpt["history"], ckpt["seconds"]
@@ -347,49 +372,63 @@ def flush(run, pending, procs):
                             f"last good checkpoint: {run.last_good or 'none yet'}")
 
 
+def forward_backward(step_fn, run, args, procs, autocast):
+    """This process's share of one global batch, in --grad-accum micro-steps; returns the batch's loss."""
+    x, y = run.task.batch("train", run.batch_gen)  # the global batch, alike on every process
+    step_loss = 0.0
+    for i, (xm, ym, share) in enumerate(my_micro_batches(x, y, run.task, procs, args.grad_accum)):
+        last = i == args.grad_accum - 1
+        with step_fn.no_sync() if procs.world > 1 and not last else contextlib.nullcontext():
+            with autocast:
+                loss, penalty = step_fn(data.to_device(xm, args.device_name), data.to_device(ym, args.device_name))
+            # DDP averages gradients over processes; the shares sum to 1 over all of them
+            objective = loss * (share * procs.world)
+            if penalty is not None:
+                objective = objective + run.orth_reg * penalty / args.grad_accum
+            objective.backward()
+        step_loss = step_loss + loss.detach().float() * share
+    return step_loss
+
+
+def stop_here(run, args, t0, procs, stop, progress):
+    """Save and exit, after an interrupt (status 130) or at --stop-after (status 0)."""
+    path = save(run, args, t0, procs)
+    progress.close()
+    if procs.master:
+        print(f"[{run.name}] stopped after step {run.step}; checkpoint {path}\n"
+              f"resume with: {args.resume_command}", flush=True)
+    procs.barrier()
+    raise SystemExit(130 if stop.requested else 0)
+
+
 def train_loop(run, args, procs):
-    """Steps run.step + 1 .. run.iters: learning rate, micro-batches, backward, clipping, AdamW,
-    growth, then the read-back of losses, evaluations and checkpoints at their intervals."""
-    model, opt, amp = run.model, run.optimizer, data.amp(args.device_name, args.dtype)
-    params = [p for p in model.parameters() if p.requires_grad]  # rebuilt after resume and growth
+    """Steps run.step + 1 .. run.iters, each: lr, forward/backward, clip, step, grow, log/eval/checkpoint."""
+    model, opt, autocast = run.model, run.optimizer, tasks.amp(args.device_name, args.dtype)
+    params = trainable(model)  # the same tensors all run long, unless a capacity doubles
     step_fn, pending, t0 = wrap(run, args, procs), [], time.time()
     progress = Progress(run, args, procs)
     with Interrupts(procs) as stop:
         for t in range(run.step + 1, run.iters + 1):
+            # lr: a pure function of the step, set on every param group
             lr = get_lr(t, run.peak_lr, run.lr_warmup, run.iters)
-            for g in opt.param_groups:  # every group, tensors replaced by growth included
+            for g in opt.param_groups:
                 g["lr"] = lr
-            x, y = run.task.batch("train", run.batch_gen)  # the global batch, alike on every process
-            step_loss = 0.0
-            for i, (xm, ym, share) in enumerate(my_micro_batches(x, y, run.task, procs, args.grad_accum)):
-                last = i == args.grad_accum - 1
-                with step_fn.no_sync() if procs.world > 1 and not last else contextlib.nullcontext():
-                    with amp:
-                        loss, penalty = step_fn(data.to_device(xm, args.device_name),
-                                                data.to_device(ym, args.device_name))
-                    # DDP averages gradients over processes; the shares sum to 1 over all of them
-                    objective = loss * (share * procs.world)
-                    if penalty is not None:
-                        objective = objective + run.orth_reg * penalty / args.grad_accum
-                    objective.backward()
-                step_loss = step_loss + loss.detach().float() * share
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-            if run.allocator is not None and hasattr(run.allocator, "before_step"):
-                run.allocator.before_step(t)
+            # forward/backward, clip, step
+            step_loss = forward_backward(step_fn, run, args, procs, autocast)
+            grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
             opt.step()
-            # the allocator may read this step's gradients (sensitivity), so it runs before zero_grad
-            if run.allocator is not None and run.allocator.step(t, opt):
-                now = [p for p in model.parameters() if p.requires_grad]
-                if list(map(id, now)) != list(map(id, params)):  # grown (AdaLoRA's masking changes no tensor)
-                    params, step_fn = now, wrap(run, args, procs)
+            # grow: after the step, before zero_grad (AdaLoRA reads this step's gradients); in place
+            if run.allocator is not None and run.allocator.update_and_allocate(t):
+                if follow_resized(opt, params, trainable(model)):  # a capacity doubled: new tensors
+                    params, step_fn = trainable(model), wrap(run, args, procs)
                 run.extra["max_held"] = max(run.extra.get("max_held", 0), count_held(model))
             opt.zero_grad(set_to_none=True)
+            # log/eval/checkpoint: losses stay on the device until a read-back
             run.step = t
             run.history.append({"step": t, "train_loss": None, "total_rank": sum(l.rank for l in run.layers.values())})
             pending.append(torch.stack([step_loss, grad_norm.float()]))
             progress.step()
-            evaluate = t % args.eval_interval == 0 or t == run.iters
-            stopping = stop.agreed() or t == args.stop_after
+            evaluate, stopping = t % args.eval_interval == 0 or t == run.iters, stop.agreed() or t == args.stop_after
             if evaluate or stopping or t % args.log_interval == 0:
                 flush(run, pending, procs)
                 progress.log(t, lr)
@@ -399,13 +438,7 @@ def train_loop(run, args, procs):
                     progress.write(f"[{run.name}] step {t}: val loss {run.history[-1]['val_loss']:.4f}")
                 run.last_good = save(run, args, t0, procs)
             if stopping:
-                path = save(run, args, t0, procs)
-                progress.close()
-                if procs.master:
-                    print(f"[{run.name}] stopped after step {t}; checkpoint {path}\n"
-                          f"resume with: {args.resume_command}", flush=True)
-                procs.barrier()
-                raise SystemExit(130 if stop.requested else 0)
+                stop_here(run, args, t0, procs, stop, progress)
             if evaluate:
                 progress.reset_clock(t)
     progress.close()
@@ -427,7 +460,7 @@ def cache_corpora(args, procs, base, finetune):
     for turn in ("master", "others"):
         if procs.master == (turn == "master"):
             base_splits = data.build_cache(base[2], base[0], base[1], cache)
-            if args.task in data.GLUE_TASKS:
+            if args.task in tasks.GLUE_TASKS:
                 ft_splits = finetune
             else:
                 ft_splits = data.build_cache(finetune[2], finetune[0], finetune[1], cache)
@@ -457,7 +490,7 @@ def pretrain(args, procs, base_splits, digest):
         return {**ckpt, "path": path}
     torch.manual_seed(args.seed)
     model = GPT(config).to(args.device_name)
-    task = (data.MLMTask if args.arch == "encoder" else data.LMTask)(base_splits, args)
+    task = (tasks.MLMTask if args.arch == "encoder" else tasks.LMTask)(base_splits, args)
     run = Run("pretrain", model, task, make_optimizer(model.parameters(), args.pretrain_lr, 0.1), args.pretrain_lr,
               min(100, args.pretrain_iters // 10), args.pretrain_iters, path.replace(".pt", ".partial.pt"),
               torch.Generator().manual_seed(args.seed), extra={"key": key})
@@ -496,15 +529,16 @@ def build_finetune_model(args, schedule, base_ckpt, n_classes):
     model.to(args.device_name)
     layers = {}
     if schedule == "lora":
-        layers = triadapt.inject(model, args.target_list, layer_cls=triadapt.LoRALinear,
+        layers = triadapt.inject(model, args.target_list, layer_cls=baselines.LoRALinear,
                                  rank=args.ref_rank, alpha=args.alpha)
     elif schedule == "adalora":
         layers = triadapt.inject(model, args.target_list, layer_cls=baselines.AdaLoRALinear,
                                  rank=args.adalora_rank, alpha=args.alpha, ref_rank=args.ref_rank)
     elif schedule != "full":
         g = growth_options(args, schedule)
+        switches = {} if g["plain"] else dict(layer_cls=baselines.IncreLoRALinear, core=g["core"], advance=g["advance"])
         layers = triadapt.inject(model, args.target_list, rank=args.init_rank, alpha=args.alpha,
-                                 ref_rank=args.ref_rank, core=g["core"], advance=g["advance"])
+                                 ref_rank=args.ref_rank, **switches)
     if model.cls_head is not None:  # the head is new, so it trains in every schedule
         model.cls_head.requires_grad_(True)
     return model, layers
@@ -515,13 +549,17 @@ def growth_options(args, schedule):
     a diagonal core, sensitivity importance, the top --top-k matrices every round, a warmup for
     every new block and advance learning."""
     if schedule == "increlora":
-        return dict(schedule="topk", core="diagonal", importance="sensitivity", advance=args.rank_step_k,
-                    block_warmup=10 if args.block_warmup is None else args.block_warmup)
-    return dict(schedule=schedule, core=args.core, importance=args.importance,
-                advance=args.rank_step_k if args.advance else 0, block_warmup=args.block_warmup or 0)
+        g = dict(schedule="topk", core="diagonal", importance="sensitivity", advance=args.rank_step_k,
+                 block_warmup=10 if args.block_warmup is None else args.block_warmup)
+    else:
+        g = dict(schedule=schedule, core=args.core, importance=args.importance,
+                 advance=args.rank_step_k if args.advance else 0, block_warmup=args.block_warmup or 0)
+    # TriAdaptLoRA itself needs none of baselines.py's switches
+    g["plain"] = (g["core"], g["importance"], g["advance"], g["block_warmup"]) == ("triangular", "frobenius", 0, 0)
+    return g
 
 
-def make_allocator(args, procs, schedule, layers):
+def make_allocator(args, procs, schedule, layers, optimizer):
     """The allocator of a schedule that changes ranks while it trains (None for lora and full)."""
     sync = procs.broadcast_norms if procs.world > 1 else None
     if schedule == "adalora":
@@ -531,11 +569,14 @@ def make_allocator(args, procs, schedule, layers):
     if schedule not in options.GROWING:
         return None
     g = growth_options(args, schedule)
-    return triadapt.RankAllocator(layers, total_steps=args.iters, target_total_rank=args.budget_total,
-                                  schedule=g["schedule"], warmup=args.warmup, interval=args.interval,
-                                  rank_step=args.rank_step, top_k=args.top_k, max_rank=args.max_rank, sync=sync,
-                                  importance=g["importance"], block_warmup=g["block_warmup"],
-                                  reduce=procs.mean_over_processes if procs.world > 1 else None)
+    common = dict(total_steps=args.iters, target_total_rank=args.budget_total, schedule=g["schedule"],
+                  warmup=args.warmup, interval=args.interval, rank_step=args.rank_step, top_k=args.top_k,
+                  max_rank=args.max_rank, sync=sync)
+    if g["plain"]:
+        return triadapt.RankAllocator(layers, **common)
+    return baselines.IncreLoRAAllocator(layers, importance=g["importance"], block_warmup=g["block_warmup"],
+                                        reduce=procs.mean_over_processes if procs.world > 1 else None,
+                                        optimizer=optimizer, **common)
 
 
 def count_held(model):
@@ -556,7 +597,7 @@ def finetune(args, procs, schedule, base_ckpt, task, n_classes=0):
     model, layers = build_finetune_model(args, schedule, base_ckpt, n_classes)
     lr = args.lr or (3e-4 if schedule == "full" else 2e-3)
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], lr, args.weight_decay)
-    allocator = make_allocator(args, procs, schedule, layers)
+    allocator = make_allocator(args, procs, schedule, layers, optimizer)
     name = options.run_name(args, schedule)
     run = Run(name, model, task, optimizer, lr, args.lr_warmup, args.iters, os.path.join(folder, "ckpt.pt"),
               torch.Generator().manual_seed(args.seed), layers, allocator, args.orth_reg if allocator else 0.0,
@@ -581,11 +622,11 @@ def linear_probe(args, procs, model, task, gen):
     """Train the classification head alone on the frozen base: the 'before' accuracy of every schedule.
     Every process trains it on the whole batch, so the heads stay identical without communication."""
     head = torch.optim.AdamW(model.cls_head.parameters(), lr=1e-2)
-    amp = data.amp(args.device_name, args.dtype)
+    autocast = tasks.amp(args.device_name, args.dtype)
     quiet = not (procs.master and sys.stderr.isatty())
     for _ in tqdm(range(args.probe_iters), desc="head only", dynamic_ncols=True, disable=quiet):
         x, y = (data.to_device(t, args.device_name) for t in task.batch("train", gen))
-        with torch.no_grad(), amp:
+        with torch.no_grad(), autocast:
             h = model.hidden(x).mean(dim=1)  # (B, C); the base is frozen: no graph through it
         loss = torch.nn.functional.cross_entropy(model.cls_head(h.float()), y)
         loss.backward()
@@ -602,7 +643,7 @@ def setup(argv):
     args = options.build_parser().parse_args(argv)
     options.validate(args, options.explicit_flags(argv))
     args.resume_command = resume_command(argv)
-    corpora = data.read_corpora(args)
+    corpora = tasks.read_corpora(args)
     options.make_out_dir(args)
     return args, corpora
 
@@ -621,11 +662,11 @@ def main(argv=None):
         np.random.seed(args.seed)
         base_splits, ft_splits, digest = cache_corpora(args, procs, *corpora)
         base_ckpt = pretrain(args, procs, base_splits, digest)
-        if args.task in data.GLUE_TASKS:
-            task = data.GLUE_TASK_CLASSES[args.task](ft_splits, args)
+        if args.task in tasks.GLUE_TASKS:
+            task = tasks.GLUE_TASK_CLASSES[args.task](ft_splits, args)
             n_classes = task.n_classes
         else:  # an encoder sees the future, so on text it can only learn masked bytes
-            task, n_classes = (data.MLMTask if args.arch == "encoder" else data.LMTask)(ft_splits, args), 0
+            task, n_classes = (tasks.MLMTask if args.arch == "encoder" else tasks.LMTask)(ft_splits, args), 0
         results = [finetune(args, procs, s, base_ckpt, task, n_classes) for s in args.schedules]
     except (UsageError, data.DataError) as e:
         if master:  # every process checks the same input: one of them says so

@@ -12,6 +12,8 @@ import torch
 
 import train
 
+pytestmark = pytest.mark.slow  # every test here runs train.py end to end
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "8",
         "--pretrain-iters", "60", "--iters", "40", "--warmup", "10", "--interval", "5", "--eval-interval", "10",

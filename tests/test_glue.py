@@ -1,4 +1,4 @@
-"""The understanding tasks of data.py (cola, pairs, package): deterministic, file-disjoint, balanced,
+"""The understanding tasks of tasks.py (cola, pairs, package): deterministic, file-disjoint, balanced,
 labelled truthfully, with no shallow cue, and their metrics on examples worked by hand."""
 import ast
 import collections
@@ -11,34 +11,35 @@ import torch
 
 import data
 import model
+import tasks
 
 B, MAX_TRAIN = 64, 1200  # the encoder's default block size; a train split small enough to build fast
 
 
 @pytest.fixture(scope="module")
 def examples():
-    return {task: data.glue_examples(task, B, MAX_TRAIN) for task in data.GLUE_TASKS}
+    return {task: tasks.glue_examples(task, B, MAX_TRAIN) for task in tasks.GLUE_TASKS}
 
 
 def test_mcc_and_f1_on_examples_worked_by_hand():
     # tp 1, fp 1, tn 2, fn 0: (1 * 2 - 1 * 0) / sqrt(2 * 1 * 3 * 2) = 1 / sqrt(3)
-    assert data.mcc([1, 1, 0, 0], [1, 0, 0, 0]) == pytest.approx(1 / math.sqrt(3))
-    assert data.mcc(torch.tensor([1, 0, 1, 0]), torch.tensor([1, 0, 1, 0])) == 1.0
-    assert data.mcc([0, 1, 0, 1], [1, 0, 1, 0]) == -1.0
-    assert data.mcc([1, 1, 1, 1], [1, 0, 1, 0]) == 0.0  # a constant prediction: a factor is 0
+    assert tasks.mcc([1, 1, 0, 0], [1, 0, 0, 0]) == pytest.approx(1 / math.sqrt(3))
+    assert tasks.mcc(torch.tensor([1, 0, 1, 0]), torch.tensor([1, 0, 1, 0])) == 1.0
+    assert tasks.mcc([0, 1, 0, 1], [1, 0, 1, 0]) == -1.0
+    assert tasks.mcc([1, 1, 1, 1], [1, 0, 1, 0]) == 0.0  # a constant prediction: a factor is 0
     # tp 1, fp 1, fn 1: 2 / (2 + 1 + 1)
-    assert data.f1([1, 1, 0, 0], [1, 0, 1, 0]) == 0.5
-    assert data.f1(torch.tensor([1, 1, 0]), torch.tensor([1, 1, 0])) == 1.0
-    assert data.f1([0, 0], [0, 0]) == 0.0
-    assert data.counts([1, 1, 0, 0, 0], [1, 0, 1, 0, 0]) == (1, 1, 2, 1)
+    assert tasks.f1([1, 1, 0, 0], [1, 0, 1, 0]) == 0.5
+    assert tasks.f1(torch.tensor([1, 1, 0]), torch.tensor([1, 1, 0])) == 1.0
+    assert tasks.f1([0, 0], [0, 0]) == 0.0
+    assert tasks.counts([1, 1, 0, 0, 0], [1, 0, 1, 0, 0]) == (1, 1, 2, 1)
 
 
 def test_builders_are_deterministic():
     for task in ("cola", "pairs", "package"):
-        first = data.glue_splits(task, 64, 200)
-        data.glue_examples.cache_clear()
-        data.outline.cache_clear()  # rebuilt from the files themselves
-        second = data.glue_splits(task, 64, 200)
+        first = tasks.glue_splits(task, 64, 200)
+        tasks.glue_examples.cache_clear()
+        tasks.outline.cache_clear()  # rebuilt from the files themselves
+        second = tasks.glue_splits(task, 64, 200)
         for split in data.SPLITS:
             assert all(torch.equal(a, b) for a, b in zip(first[split], second[split]))
             assert first[split][0].dtype == torch.int64 and first[split][0].shape[1] == 64
@@ -47,23 +48,36 @@ def test_builders_are_deterministic():
 
 def test_sizes_and_tensors_follow_the_examples(examples):
     for task in ("cola", "pairs"):
-        splits = data.glue_splits(task, B, MAX_TRAIN)
+        splits = tasks.glue_splits(task, B, MAX_TRAIN)
         for split, (x, y) in splits.items():
             ex = examples[task][split]
             assert x.shape == (len(ex), B) and y.tolist() == [e.label for e in ex]
             assert len(ex) > {"train": MAX_TRAIN, "val": 250, "test": 250}[split] - 4  # pairs: 4 rows a chain
-            padded = [e.text.encode().ljust(B, bytes([data.PAD])) for e in ex]
+            padded = [e.text.encode().ljust(B, bytes([tasks.PAD])) for e in ex]
             assert bytes(x.flatten().tolist()) == b"".join(padded)  # every text fits: nothing clipped
-    x, y = data.glue_splits("package", B, MAX_TRAIN)["train"]
-    assert torch.equal(x, data.classification_splits(B, MAX_TRAIN // 8)["train"][0])
+    x, y = tasks.glue_splits("package", B, MAX_TRAIN)["train"]
+    assert torch.equal(x, tasks.classification_splits(B, MAX_TRAIN // 8)["train"][0])
     assert len(examples["package"]["train"]) == len(y) == MAX_TRAIN
+
+
+def test_classification_splits_are_deterministic_balanced_and_file_disjoint():
+    files, split_of = tasks.classification_files()
+    assert list(files) == list(data.CLASS_PACKAGES) and len(files) == 8
+    for pkg, paths in files.items():
+        assert {split_of[p] for p in paths} == {"train", "val", "test"}, pkg
+    files2, split_of2 = tasks.classification_files()
+    assert split_of == split_of2
+    assert {p for p, s in split_of.items() if s != "train"} <= set(data.glue_holdout_files())
+    splits = tasks.classification_splits(64, max_per_class=50)
+    x, y = splits["train"]
+    assert x.shape == (400, 64) and torch.equal(y.bincount(), torch.full((8,), 50))
+    assert torch.equal(splits["val"][0], tasks.classification_splits(64, max_per_class=50)["val"][0])
 
 
 def test_splits_are_file_disjoint_and_their_files_are_held_out_of_pretraining(examples):
     split_of = data.stdlib_split_of()
     holdout = set(data.glue_holdout_files())
     assert holdout == {p for p, s in split_of.items() if s != "train"}
-    assert set(data.classification_holdout_files()) <= holdout
     assert not holdout & set(data.stdlib_sources(exclude=holdout))
     for task, splits in examples.items():
         files = {split: {e.file for e in ex} for split, ex in splits.items()}
@@ -84,12 +98,12 @@ def test_labels_are_balanced_in_every_split(examples):
 def test_every_cola_positive_parses_and_every_negative_does_not(examples):
     for split, ex in examples["cola"].items():
         for e in ex:
-            assert data.parses(e.text) == bool(e.label), (split, e)
-            assert data.parses(e.text.ljust(B)) == bool(e.label)  # the padded row the model sees, too
+            assert tasks.parses(e.text) == bool(e.label), (split, e)
+            assert tasks.parses(e.text.ljust(B)) == bool(e.label)  # the padded row the model sees, too
             assert len(e.text.encode()) <= B
-        x, y = data.glue_splits("cola", B, MAX_TRAIN)[split]
+        x, y = tasks.glue_splits("cola", B, MAX_TRAIN)[split]
         for row, label in zip(x[:200], y[:200]):
-            assert data.parses(data.decode(row.tolist())) == bool(label)
+            assert tasks.parses(data.decode(row.tolist())) == bool(label)
 
 
 def test_a_cola_negative_is_one_token_edit_that_leaves_the_brackets_alone(examples):
@@ -102,9 +116,9 @@ def test_a_cola_negative_is_one_token_edit_that_leaves_the_brackets_alone(exampl
         tok = ast.literal_eval(tok)
         ops[op] += 1
         assert not set(tok) & set("()[]{}")
-        assert op != "duplicate" or tok + data.separator(tok) + tok in e.text
+        assert op != "duplicate" or tok + tasks.separator(tok) + tok in e.text
         lines = open(e.file, encoding="utf-8").read().split("\n")
-        first = data.tokens(e.text)[0][2].split("\n")[0]
+        first = tasks.tokens(e.text)[0][2].split("\n")[0]
         assert lines[e.line - 1].lstrip().startswith(first)  # the first token is the snippet's own
     assert set(ops) == {"delete", "duplicate", "swap"} and min(ops.values()) > 50
 
@@ -154,7 +168,8 @@ def test_pairs_put_a_call_of_the_file_under_one_of_its_defs_that_it_binds_to_for
             defs, calls = parse_of(e.file)
             names = parameters(ast.parse(e.text).body[0].args)
             assert names in (defs[e.note], defs[e.note][1:])  # a def of e.file (a method: without self) ...
-            assert call.startswith("f(") and call[2:-1] in calls[e.line]  # ... over a call's arguments in e.file
+            # ... over a call's arguments in e.file
+            assert call.startswith("f(") and call[2:-1] in calls[e.line]
             assert raises_type_error(e.text) != e.label
         for key in ((lambda e: (e.file, e.note)), (lambda e: (e.file, e.line, e.text.split("\n")[1]))):
             shown = collections.Counter((key(e), e.label) for e in ex)  # each def, each call: as often
@@ -192,7 +207,7 @@ def test_a_task_evaluates_its_own_metric():
     args = types.SimpleNamespace(batch_size=4, device_name="cpu", dtype="fp32")
     x, y = torch.randint(256, (300, 16)), torch.tensor([1, 0] * 150)  # more rows than one evaluation batch
     for name, metric, extra in (("cola", "mcc", "mcc"), ("pairs", "acc", "f1")):
-        task = data.GLUE_TASK_CLASSES[name]({"val": (x, y)}, args)
+        task = tasks.GLUE_TASK_CLASSES[name]({"val": (x, y)}, args)
         assert (task.metric, task.n_classes) == (metric, 2)
         net = model.GPT(model.GPTConfig(vocab_size=257, block_size=16, n_layer=1, n_head=2, n_embd=16,
                                         bidirectional=True, n_classes=2))
@@ -201,13 +216,13 @@ def test_a_task_evaluates_its_own_metric():
             pred = net.classify(x)[0].argmax(-1)
         assert set(result) == {"loss", "acc", extra}
         assert result["acc"] == pytest.approx((pred == y).float().mean().item())
-        assert result[extra] == pytest.approx(data.METRICS[extra](pred, y))
-    package = data.GLUE_TASK_CLASSES["package"]
+        assert result[extra] == pytest.approx(tasks.METRICS[extra](pred, y))
+    package = tasks.GLUE_TASK_CLASSES["package"]
     assert (package.metric, package.n_classes) == ("acc", len(data.CLASS_PACKAGES))
 
 
 def test_unknown_tasks_and_too_small_blocks_are_refused():
     with pytest.raises(data.DataError, match="unknown task 'classify'"):
-        data.glue_examples("classify", B)
+        tasks.glue_examples("classify", B)
     with pytest.raises(data.DataError, match="32 at least"):
-        data.glue_splits("cola", 16)
+        tasks.glue_splits("cola", 16)

@@ -1,4 +1,5 @@
-"""model.py and data.py: shapes, the causal mask, the byte tokenizer, the cache, the encoder's data."""
+"""model.py and data.py: shapes, the causal mask, the byte tokenizer, the cache, masking, the split
+of the standard library's files."""
 import hashlib
 import json
 import os
@@ -102,17 +103,10 @@ def test_masking_rate_and_ignored_targets():
     assert abs(masked[picked].float().mean().item() - 0.8) < 0.03
 
 
-def test_classification_splits_are_deterministic_balanced_and_file_disjoint():
-    files, split_of = data.classification_files()
-    assert list(files) == list(data.CLASS_PACKAGES) and len(files) == 8
-    for pkg, paths in files.items():
-        assert {split_of[p] for p in paths} == {"train", "val", "test"}, pkg
-    files2, split_of2 = data.classification_files()
-    assert split_of == split_of2
-    holdout = set(data.classification_holdout_files())
+def test_the_split_by_file_is_deterministic_and_its_holdout_is_out_of_the_base():
+    split_of = data.stdlib_split_of()
+    assert split_of == data.stdlib_split_of() and set(split_of) == set(data.stdlib_sources())
+    assert set(split_of.values()) == {"train", "val", "test"}
+    holdout = set(data.glue_holdout_files())
     assert holdout == {p for p, s in split_of.items() if s != "train"}
     assert not holdout & set(data.stdlib_sources(exclude=holdout))
-    splits = data.classification_splits(64, max_per_class=50)
-    x, y = splits["train"]
-    assert x.shape == (400, 64) and torch.equal(y.bincount(), torch.full((8,), 50))
-    assert torch.equal(splits["val"][0], data.classification_splits(64, max_per_class=50)["val"][0])

@@ -2,6 +2,7 @@
 import argparse
 import contextlib
 import io
+import os
 import re
 
 import pytest
@@ -9,14 +10,17 @@ import torch
 
 import data
 import sample
+import tasks
 import train
 from model import GPT, GPTConfig
 
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "8",
-        "--pretrain-iters", "50", "--iters", "20", "--warmup", "5", "--interval", "5", "--eval-interval", "20",
-        "--eval-iters", "2", "--ref-rank", "4", "--rank-step", "2", "--lr-warmup", "5", "--sample-len", "0"]
-TINY_CLASSIFY = ["--arch", "encoder", "--task", "package", "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
-                 "--block-size", "32", "--batch-size", "8", "--pretrain-iters", "20", "--iters", "10",
+        "--pretrain-iters", "50", "--iters", "20", "--warmup", "5", "--interval", "5",
+        "--eval-interval", "20", "--eval-iters", "2", "--ref-rank", "4", "--rank-step", "2",
+        "--lr-warmup", "5", "--sample-len", "0"]
+TINY_CLASSIFY = ["--arch", "encoder", "--task", "package", "--n-layer", "1", "--n-embd", "32",
+                 "--n-head", "2", "--block-size", "32", "--batch-size", "8", "--pretrain-iters", "20",
+                 "--iters", "10",
                  "--probe-iters", "5", "--eval-iters", "2", "--warmup", "2", "--interval", "2",
                  "--eval-interval", "10", "--ref-rank", "4", "--rank-step", "2", "--schedule", "linear"]
 
@@ -33,7 +37,8 @@ def lm(tmp_path_factory):
     """One tiny base and its linear, lora, adalora, increlora and full fine-tunes: (out dir, what train.py
     printed)."""
     out = tmp_path_factory.mktemp("lm")
-    return out, train_quietly(TINY + ["--out-dir", str(out), "--schedule", "linear,lora,adalora,increlora,full"])
+    schedules = "linear,lora,adalora,increlora,full"
+    return out, train_quietly(TINY + ["--out-dir", str(out), "--schedule", schedules])
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +58,12 @@ def from_checkpoint(folder):
     (base_path,) = (folder.parent / "base").glob("*.pt")
     args = argparse.Namespace(**{**ckpt["args"], "device_name": "cpu"})
     base = torch.load(base_path, weights_only=False)
-    model, layers = train.build_finetune_model(args, ckpt["schedule"], base, ckpt["model_config"]["n_classes"])
-    for name, blocks in ckpt["rank_pattern"].items():
-        for k in blocks[1:]:
-            layers[name].grow(k)
-        if getattr(layers[name], "advance", 0) and f"{name}.A_next" not in ckpt["model"]:
-            layers[name].drop_advance()  # the run dropped it when its budget was spent
+    n_classes = ckpt["model_config"]["n_classes"]
+    model, layers = train.build_finetune_model(args, ckpt["schedule"], base, n_classes)
+    optimizer = train.make_optimizer([p for p in model.parameters() if p.requires_grad], 1e-3, 0.0)
+    allocator = train.make_allocator(args, argparse.Namespace(world=1), ckpt["schedule"], layers, optimizer)
+    if allocator is not None:  # replays the growth (and the dropped advance blocks) before the weights
+        allocator.load_state_dict(ckpt["allocator"])
     model.load_state_dict(ckpt["model"])
     return model.eval()
 
@@ -77,6 +82,16 @@ def call(*argv):
     return code, out.getvalue(), err.getvalue()
 
 
+def blocks_of(entry):
+    """An adapter entry's ranks as ckpt.pt's rank_pattern holds them: its block sizes, else its one rank
+    (AdaLoRA: its live triplets; LoRA: the rows of A)."""
+    if "block_sizes" in entry:
+        return entry["block_sizes"]
+    if "live" in entry:
+        return [int(entry["live"].sum())]
+    return [entry.get("rank", len(entry["A"]))]
+
+
 @pytest.mark.parametrize("name", ["linear", "lora", "adalora", "increlora", "full", "package-linear"])
 def test_adapter_reproduces_the_fine_tuned_model_exactly(lm, cls, name):
     folder = run_folder(lm, cls, name)
@@ -89,8 +104,7 @@ def test_adapter_reproduces_the_fine_tuned_model_exactly(lm, cls, name):
         assert adapter["layers"] == {} and adapter["model"] is not None and size > base_size / 2
     else:
         assert adapter["model"] is None and size < base_size / 3
-        blocks = {n: e.get("block_sizes", [e.get("rank", int(e.get("live", torch.zeros(0)).sum()))])
-                  for n, e in adapter["layers"].items()}
+        blocks = {n: blocks_of(e) for n, e in adapter["layers"].items()}
         assert blocks == torch.load(folder / "ckpt.pt", weights_only=False)["rank_pattern"]
     assert (adapter["cls_head"] is not None) == (name == "package-linear")
 
@@ -145,7 +159,8 @@ def test_sampling_is_deterministic_under_a_seed(lm, name, tmp_path):
     samples = first[1].split("---------------\n")[:-1]
     assert len(samples) == 2 and all(s.startswith("The ") and len(s.encode()) >= 40 for s in samples)
     (tmp_path / "prompt.txt").write_text("def ")
-    code, out, _ = call("--run", folder, "--prompt", f"FILE:{tmp_path / 'prompt.txt'}", "--max-new-tokens", "5")
+    prompt = f"FILE:{tmp_path / 'prompt.txt'}"
+    code, out, _ = call("--run", folder, "--prompt", prompt, "--max-new-tokens", "5")
     assert code == 0 and out.startswith("def ")
 
 
@@ -170,7 +185,7 @@ def test_a_pairs_row_is_padded_as_in_training(cls, tmp_path):
     train_quietly(flags[:flags.index("--task") + 1] + ["pairs"] + flags[flags.index("--task") + 1:]
                   + ["--init-from", str(base_path), "--out-dir", str(tmp_path)])
     model, _ = sample.load_run(str(tmp_path / "pairs-linear"))
-    row = data.pair_text((0, "def f(a): ..."), (0, "1"), 32)  # as data.pairs_split writes it
+    row = tasks.pair_text((0, "def f(a): ..."), (0, "1"), 32)  # as tasks.pairs_split writes it
     assert row == "def f(a): ...     \nf(1)"  # the def line padded to 18 bytes
     probs = sample.class_probabilities(model, data.encode(row.ljust(32)))
     code, out, _ = call("--run", tmp_path / "pairs-linear", "--text", "def f(a): ...\nf(1)")
@@ -217,13 +232,15 @@ BAD = [  # (what, argv from (lm, cls, tmp_path), a part of the message)
      "is truncated or corrupt"),
     ("prompt longer than the context", lambda lm, cls, t: [*linear(lm), "--prompt", "x" * 33],
      "33 bytes, longer than the model's context (block_size 32)"),
-    ("zero samples", lambda lm, cls, t: [*linear(lm), "--num-samples", "0"], "--num-samples must be positive"),
+    ("zero samples", lambda lm, cls, t: [*linear(lm), "--num-samples", "0"],
+     "--num-samples must be positive"),
     ("negative length", lambda lm, cls, t: [*linear(lm), "--max-new-tokens", "-5"],
      "--max-new-tokens must be positive"),
     ("zero temperature", lambda lm, cls, t: [*linear(lm), "--temperature", "0"],
      "--temperature must be a positive number"),
     ("zero top-k", lambda lm, cls, t: [*linear(lm), "--top-k", "0"], "--top-k must be positive"),
-    ("missing prompt file", lambda lm, cls, t: [*linear(lm), "--prompt", f"FILE:{t / 'no.txt'}"], "does not exist"),
+    ("missing prompt file", lambda lm, cls, t: [*linear(lm), "--prompt", f"FILE:{t / 'no.txt'}"],
+     "does not exist"),
     ("classifier without text", lambda lm, cls, t: ["--run", cls / "package-linear"], "is a classifier"),
     ("text to a language model", lambda lm, cls, t: [*linear(lm), "--text", "x"], "is a language model"),
     ("neither run nor merged", lambda lm, cls, t: [], "give one of --run"),
@@ -237,6 +254,16 @@ def test_bad_input_is_one_line_and_exit_2(lm, cls, tmp_path, make_argv, message)
     code, out, err = call(*make_argv(lm, cls, tmp_path))
     assert code == 2, (out, err)
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc, where no file can be created")
+def test_an_export_that_cannot_be_written_is_one_line_and_exit_2(lm, tmp_path):
+    code, out, err = call(*linear(lm), "--export", "/proc/x.pt")
+    assert code == 2 and out == "", out
+    assert err == "error: --export /proc/x.pt cannot be written: No such file or directory\n", err
+    (tmp_path / "file").write_bytes(b"")
+    code, _, err = call(*linear(lm), "--export", tmp_path / "file" / "x.pt")
+    assert code == 2 and err.endswith("cannot be written: a part of its path is a file, not a folder\n"), err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where CUDA is missing")
