@@ -548,17 +548,18 @@ class IncreLoRAAllocator(triadapt.RankAllocator):
 
     def grow(self, t, name, k):
         layer = self.layers[name]
-        lo, a = layer.rank, layer.advance
+        lo, a, A, B = layer.rank, layer.advance, layer.A, layer.B
         super().grow(t, name, k)
-        if a:  # the block that went live and the refilled one start with zero moments
-            self.zero_moments(layer, lo, layer.rank + layer.advance)
+        if a:  # the block that went live and the refilled one start with zero moments; in the state of the
+            # tensors the optimizer holds now (a doubling re-created them: the loop then pads that state)
+            self.zero_moments(A, B, lo, layer.rank + layer.advance)
         if self.block_warmup:
             self.young.append((name, lo, layer.rank, t, None))
 
     @torch.no_grad()
-    def zero_moments(self, layer, lo, hi):
+    def zero_moments(self, A, B, lo, hi):
         """Adam's exp_avg and exp_avg_sq of A's rows and B's columns lo:hi back to zero."""
-        for p, sl in ((layer.A, slice(lo, hi)), (layer.B, (slice(None), slice(lo, hi)))):
+        for p, sl in ((A, slice(lo, hi)), (B, (slice(None), slice(lo, hi)))):
             for v in (self.optimizer.state.get(p, {}) if self.optimizer is not None else {}).values():
                 if torch.is_tensor(v) and v.shape == p.shape:
                     v[sl] = 0
@@ -571,7 +572,7 @@ class IncreLoRAAllocator(triadapt.RankAllocator):
             if spent_all:
                 layer.track_sensitivity, layer.grad_dW, layer._dW = False, None, None
             if layer.advance and (spent_all or layer.rank >= self.caps[name]):
-                self.zero_moments(layer, layer.rank, layer.rank + layer.advance)
+                self.zero_moments(layer.A, layer.B, layer.rank, layer.rank + layer.advance)
                 layer.drop_advance()
 
     def state_dict(self):

@@ -142,7 +142,7 @@ class TriAdaptLinear(nn.Module):
     def reserve(self, n):
         """Make the capacity at least n, doubling it (up to max_rank): new tensors, old values in the corner."""
         c = self.capacity
-        if n <= c:
+        if n <= c or c >= self.max_rank:  # at max_rank a growth clips itself: nothing to re-create
             return
         old = {name: t.clone() for name, t in itertools.chain(self.named_parameters(recurse=False),
                                                                self.named_buffers(recurse=False))}

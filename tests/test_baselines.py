@@ -155,7 +155,7 @@ def test_triplet_scores_by_hand_two_steps():
     #   S_B = [[1/2,0],[1/2,1/2]]:       column means 12/24, 6/24
     #   S_E = [1/2,1/2]:                 12/24, 12/24
     set_grads(layer, [[1., 1., 2.], [2., 2., 2.]], [[2., 3.], [1., -2.]], [2., 1.])
-    assert alloc.step(1, None) == []  # warmup: scores only
+    assert alloc.update_and_allocate(1) == []  # warmup: scores only
     assert torch.allclose(alloc.triplet_scores()["l"], torch.tensor([29 / 24, 26 / 24]), rtol=1e-6, atol=0)
     # Step 2 (same A, B, E): I_A = [[0,2,0],[0,0,3]], I_B = [[0,0],[2,1]], I_E = [1,0].
     #   A: I_bar = [[1/4,3/2,0],[0,1/2,2]], |I - I_bar| = [[1/4,1/2,0],[0,1/2,1]],
@@ -165,7 +165,7 @@ def test_triplet_scores_by_hand_two_steps():
     #      S_B = [[1/4,0],[3/4,1/4]]: column means 24/48, 6/48
     #   E: I_bar = [1,1/2], |I - I_bar| = [0,1/2], U_bar = [1/4,1/2], S_E = [1/4,1/4]: 12/48, 12/48
     set_grads(layer, [[0., 1., 1.], [1., 0., 3.]], [[0., 1.], [1., 1.]], [1., 0.])
-    alloc.step(2, None)
+    alloc.update_and_allocate(2)
     assert torch.allclose(alloc.triplet_scores()["l"], torch.tensor([49 / 48, 46 / 48]), rtol=1e-6, atol=0)
     assert torch.equal(alloc.U_bar[2], torch.tensor([0.25, 0.5]))  # E's, of [A, B, E]
 
@@ -174,7 +174,7 @@ def test_uncertainty_uses_the_new_smoothed_importance():
     layer = hand_layer()
     alloc = AdaLoRAAllocator({"l": layer}, total_steps=1000, target_total_rank=1, init_warmup=100)
     set_grads(layer, [[0.] * 3] * 2, [[0.] * 2] * 2, [1., 0.])  # I_E = [1, 0]
-    alloc.step(1, None)
+    alloc.update_and_allocate(1)
     # I_bar = 0.15 * 1 = 0.15; U_bar = 0.15 * |1 - 0.15| = 0.1275 (the old I_bar = 0 would give 0.15).
     assert alloc.I_bar[2][0].item() == pytest.approx(0.15, rel=1e-6)
     assert alloc.U_bar[2][0].item() == pytest.approx(0.1275, rel=1e-6)
@@ -184,7 +184,7 @@ def test_missing_gradient_is_an_error():
     layer = hand_layer()
     alloc = AdaLoRAAllocator({"l": layer}, total_steps=10, target_total_rank=1)
     with pytest.raises(RuntimeError, match="before optimizer.zero_grad"):
-        alloc.step(1, None)
+        alloc.update_and_allocate(1)
 
 
 # ----------------------------------------------------------------------------- budget and masking
@@ -222,7 +222,7 @@ def test_every_run_ends_at_the_target(T, init_warmup, final_warmup, interval, ma
     g = torch.Generator().manual_seed(0)
     for t in range(1, T + 1):
         random_grads(layers, g)
-        alloc.step(t, None)
+        alloc.update_and_allocate(t)
     assert alloc.mask_end == T - 1 and alloc.total_rank == 6
     # b(4) = 6 + floor(2 * 5^3 / 7^3) = 6 + floor(250 / 343) = 6, as b(8) and the final mask
     assert masked == [(t, 6) for t in mask_steps]
@@ -244,7 +244,7 @@ def test_masking_keeps_exactly_the_budget_and_the_final_phase_the_target(interva
     for t in range(1, 101):
         before = alloc.rank_pattern()
         random_grads(layers, g, perturb_E=True)
-        changed = alloc.step(t, None)
+        changed = alloc.update_and_allocate(t)
         assert changed == [n for n in layers if alloc.rank_pattern()[n] != before[n]]
         if t <= 10:
             assert alloc.total_rank == 12
@@ -276,7 +276,7 @@ def test_ties_keep_layer_order_then_index():
         for p in (layer.A, layer.B, layer.E):
             p.grad = torch.zeros_like(p)  # every score 0
     assert alloc.budget(1) == 14
-    assert alloc.step(1, None) == ["b"]
+    assert alloc.update_and_allocate(1) == ["b"]
     assert layers["a"].live.all() and layers["b"].live.tolist() == [True] * 2 + [False] * 10
     assert alloc.events == [(1, "b", 2)]
 
@@ -289,12 +289,12 @@ def test_final_mask_is_kept_across_a_resume():
     g = torch.Generator().manual_seed(0)
     for t in (1, 2, 3):  # the cubic at 1 and 2, the final mask at 3
         random_grads(layers, g)
-        alloc.step(t, None)
+        alloc.update_and_allocate(t)
     assert alloc.rank_pattern() == {"l0": 3, "l1": 1} and alloc.final_mask_set
     resumed = AdaLoRAAllocator(layers, total_steps=4, final_warmup=2, sync=favour["l1"])
     resumed.load_state_dict(alloc.state_dict())
     random_grads(layers, g, perturb_E=True)
-    assert resumed.step(4, None) == []  # the final mask stays, whatever the scores say now
+    assert resumed.update_and_allocate(4) == []  # the final mask stays, whatever the scores say now
     assert resumed.rank_pattern() == {"l0": 3, "l1": 1}
     assert torch.count_nonzero(layers["l1"].E[1:]) == 0
 
@@ -304,7 +304,7 @@ def test_sync_decides_what_is_kept():
     favour_l1 = lambda scores: {"l0": torch.zeros(3), "l1": torch.tensor([1., 3., 2.])}
     alloc = AdaLoRAAllocator(layers, total_steps=1, target_total_rank=2, final_warmup=0, sync=favour_l1)
     random_grads(layers, torch.Generator().manual_seed(0))
-    alloc.step(1, None)
+    alloc.update_and_allocate(1)
     assert layers["l0"].rank == 0 and layers["l1"].live.tolist() == [False, True, True]
     assert torch.equal(alloc.scores["l1"], torch.tensor([1., 3., 2.]))
 
@@ -332,7 +332,7 @@ def train(model, layers, opt, alloc, steps):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        alloc.step(t, opt)
+        alloc.update_and_allocate(t)
         opt.zero_grad(set_to_none=True)
 
 
@@ -350,7 +350,7 @@ def test_exact_resume(stop):
     buf.seek(0)
     ckpt = torch.load(buf)
     model3, layers3, opt3, alloc3 = build()
-    alloc3.load_state_dict(ckpt["alloc"], opt3)
+    alloc3.load_state_dict(ckpt["alloc"])
     model3.load_state_dict(ckpt["model"])
     opt3.load_state_dict(ckpt["opt"])
     train(model3, layers3, opt3, alloc3, range(stop + 1, T + 1))

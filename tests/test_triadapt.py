@@ -5,8 +5,10 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from triadapt import (LoRALinear, RankAllocator, TriAdaptLinear, count_trainable, growth_count, inject,
+from baselines import LoRALinear
+from triadapt import (RankAllocator, TriAdaptLinear, count_trainable, growth_count, inject,
                       normalized_frobenius, orthogonal_penalty)
 
 
@@ -18,12 +20,27 @@ def layer_with_blocks(blocks, d_in=8, d_out=6, dtype=torch.float32, **kw):
     return layer
 
 
+def trainable_masks(layer):
+    """{name: 0/1 mask} of the entries that train: A[:r], B[:, :r] and the blocks' entries of L and U."""
+    r = layer.rank
+    A, B = torch.zeros_like(layer.A), torch.zeros_like(layer.B)
+    A[:r], B[:, :r] = 1, 1
+    return {"A": A, "B": B, "L": (layer.L_mask != 0).to(A.dtype), "U": (layer.U_mask != 0).to(A.dtype)}
+
+
 def randomize(layer, seed=1):
+    """Random values on the entries that train, 0 on the rest (what training can reach)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in layer.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
+        for name, mask in trainable_masks(layer).items():
+            p = getattr(layer, name)
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * mask)
+
+
+def assert_rest_is_zero(layer):
+    """Past the rank and outside the blocks every stored entry is exactly 0."""
+    for name, mask in trainable_masks(layer).items():
+        assert torch.count_nonzero(getattr(layer, name) * (1 - mask)) == 0, name
 
 
 # ----------------------------------------------------------------------------- the core
@@ -73,13 +90,23 @@ def test_delta_weight_by_hand():
 def test_trainable_parameter_count_closed_form(blocks, core_params):
     d_in, d_out = 16, 12
     layer = layer_with_blocks(list(blocks), d_in=d_in, d_out=d_out)
-    r = sum(blocks)
+    r, c = sum(blocks), layer.capacity
+    assert c == 12  # min(min(d_in, d_out) = 12, max(r, 2 r_ref = 16))
     assert layer.n_trainable == r * (d_in + d_out) + core_params
-    # L and U are stored dense (r x r); their masks mark exactly the entries that train.
-    assert [p.shape for p in layer.parameters() if p.requires_grad] == [(r, d_in), (d_out, r), (r, r), (r, r)]
-    masked_in = int(layer.L_mask.sum() + layer.U_mask.sum())
-    assert layer.A.numel() + layer.B.numel() + masked_in == layer.n_trainable
-    assert layer.A.shape == (r, d_in) and layer.B.shape == (d_out, r) and layer.core().shape == (r, r)
+    # Stored at the fixed capacity c whatever the blocks; the masks mark exactly the entries that train.
+    assert [p.shape for p in layer.parameters() if p.requires_grad] == [(c, d_in), (d_out, c), (c, c), (c, c)]
+    masked_in = int(torch.count_nonzero(layer.L_mask) + torch.count_nonzero(layer.U_mask))
+    assert r * (d_in + d_out) + masked_in == layer.n_trainable
+    assert set(torch.cat([layer.L_mask.flatten(), layer.U_mask.flatten()]).tolist()) == {0.0, layer.scale}  # s = 2
+    corner = torch.zeros(c, c)
+    corner[:r, :r] = 1
+    assert torch.equal(layer.gram_mask, corner)
+    assert torch.count_nonzero(layer.L_mask * (1 - corner)) == 0 and torch.count_nonzero(layer.U_mask * (1 - corner)) == 0
+    # The active factors A[:r], B[:, :r]: A's rows drawn, B zero; everything past r is zero.
+    assert layer.A[:r].shape == (r, d_in) and torch.count_nonzero(layer.A[:r]) == r * d_in
+    assert layer.B[:, :r].shape == (d_out, r) and torch.count_nonzero(layer.B) == 0
+    assert torch.count_nonzero(layer.A[r:]) == 0 and layer.core().shape == (r, r)
+    assert_rest_is_zero(layer)
     assert not layer.base.weight.requires_grad and not layer.base.bias.requires_grad
 
 
@@ -127,10 +154,17 @@ def test_growth_preserves_the_function_exactly():
     randomize(layer)
     x = torch.randn(4, 10, dtype=torch.float64)
     before, dW = layer(x), layer.delta_weight()
-    new = layer.grow(3)
-    assert all(p is q for p, q in zip(new, [layer.A, layer.B, layer.L, layer.U], strict=True))
-    block = [layer.A[3:], layer.B[:, 3:], layer.P[2], layer.Q[2]]  # the new block's parts
+    tensors = [layer.A, layer.B, layer.L, layer.U, layer.L_mask, layer.U_mask, layer.gram_mask]
+    assert layer.capacity == 7  # min(7, max(3, 16))
+    layer.grow(3)
+    # In place: the same tensors (an optimizer or DDP holding them sees nothing change).
+    assert all(p is q for p, q in zip(tensors, [layer.A, layer.B, layer.L, layer.U, layer.L_mask, layer.U_mask,
+                                                 layer.gram_mask], strict=True))
+    block = [layer.A[3:6], layer.B[:, 3:6], layer.P[2], layer.Q[2]]  # the new block's parts
     assert [p.shape for p in block] == [(3, 10), (7, 3), (3, 6), (6, 3)]
+    assert torch.count_nonzero(layer.A[3:6]) == 3 * 10 and torch.count_nonzero(layer.B[:, 3:6]) == 0
+    assert torch.count_nonzero(layer.A[6:]) == 0 and torch.count_nonzero(layer.B[:, 6:]) == 0
+    assert_rest_is_zero(layer)
     assert layer.block_sizes == [2, 1, 3] and layer.rank == 6
     # dW is bit-identical; the factored output only moves by rounding, because BLAS sums the
     # longer inner products (now with exact zeros in them) in another order.
@@ -138,6 +172,36 @@ def test_growth_preserves_the_function_exactly():
     assert torch.allclose(layer(x), before, rtol=0, atol=1e-12)
     assert torch.equal(layer.core()[3:, 3:], torch.eye(3, dtype=torch.float64))
     assert torch.count_nonzero(layer.core()[:3, 3:]) == 0
+
+
+def test_growth_past_the_capacity_doubles_it_keeping_dW_and_the_old_values():
+    layer = layer_with_blocks([1, 2], d_in=40, d_out=36, dtype=torch.float64, ref_rank=2)
+    assert layer.capacity == 4  # min(36, max(1, 2 r_ref = 4))
+    randomize(layer)
+    x = torch.randn(4, 40, dtype=torch.float64)
+    old = {n: t.detach().clone() for n, t in [*layer.named_parameters(recurse=False),
+                                             *layer.named_buffers(recurse=False)]}
+    old_ids = {n: id(t) for n, t in layer.named_parameters(recurse=False)}
+    before, dW = layer(x), layer.delta_weight()
+    layer.grow(3)  # r = 6 > 4: the capacity doubles to 8
+    assert layer.capacity == 8 and layer.rank == 6 and layer.block_sizes == [1, 2, 3]
+    assert [p.shape for p in layer.parameters() if p.requires_grad] == [(8, 40), (36, 8), (8, 8), (8, 8)]
+    assert all(id(p) != old_ids[n] for n, p in layer.named_parameters(recurse=False))  # re-created
+    assert torch.equal(layer.delta_weight(), dW)
+    assert torch.allclose(layer(x), before, rtol=0, atol=1e-12)
+    # Old values in the top-left corner (A's old rows, B's old columns, L, U and their masks), then the
+    # new block in place, zeros past r = 6.
+    assert torch.equal(layer.A[:3], old["A"][:3]) and torch.equal(layer.B[:, :3], old["B"][:, :3])
+    for name in ("L", "U", "L_mask", "U_mask", "gram_mask"):
+        assert torch.equal(getattr(layer, name)[:3, :3], old[name][:3, :3]), name
+    assert torch.count_nonzero(layer.A[3:6]) == 3 * 40 and torch.count_nonzero(layer.B[:, 3:]) == 0
+    assert torch.equal(layer.core()[3:, 3:], torch.eye(3, dtype=torch.float64))
+    assert torch.count_nonzero(layer.core()[:3, 3:]) == 0 and torch.count_nonzero(layer.core()[3:, :3]) == 0
+    assert_rest_is_zero(layer)
+    assert layer.n_trainable == 6 * (40 + 36) + 2 * (1 * 1 + 2 * 3 + 3 * 6)
+    assert int(torch.count_nonzero(layer.L_mask) + torch.count_nonzero(layer.U_mask)) == 2 * (1 + 6 + 18)
+    layer.grow(3)  # r = 9 > 8: doubles again, to 16
+    assert layer.capacity == 16 and torch.equal(layer.delta_weight(), dW)
 
 
 def test_grow_past_the_cap_is_refused():
@@ -239,15 +303,20 @@ def test_lora_baseline_parameter_count():
 def test_orthogonal_penalty_known_values():
     a = layer_with_blocks([2], d_in=4, d_out=3)
     with torch.no_grad():
-        a.A.copy_(torch.eye(4)[:2])        # orthonormal rows
-        a.B.copy_(torch.eye(3)[:, :2])     # orthonormal columns
+        a.A[:2].copy_(torch.eye(4)[:2])    # orthonormal rows (capacity 3: row 2 stays 0)
+        a.B[:, :2].copy_(torch.eye(3)[:, :2])  # orthonormal columns
     assert orthogonal_penalty([a]).item() == 0.0
     b = layer_with_blocks([2], d_in=4, d_out=3)
     with torch.no_grad():
-        b.A.copy_(2 * torch.eye(4)[:2])    # A A^T - I = 3 I_2: norm 3 sqrt(2)
+        b.A[:2].copy_(2 * torch.eye(4)[:2])  # A A^T - I = 3 I_2: norm 3 sqrt(2)
         b.B.zero_()                        # B^T B - I = -I_2: norm sqrt(2)
     # (1 / (2 * 2)) * (0 + 0 + 3 sqrt(2) + sqrt(2)) = sqrt(2)
     assert orthogonal_penalty({"a": a, "b": b}).item() == pytest.approx(math.sqrt(2), rel=1e-6)
+    # Past the rank nothing counts: the Gram matrices are masked to the r x r corner.
+    with torch.no_grad():
+        a.A[2] = 5.0
+        a.B[:, 2] = 5.0
+    assert orthogonal_penalty([a]).item() == 0.0
 
 
 # ----------------------------------------------------------------------------- the allocator
@@ -265,10 +334,6 @@ def set_core_scale(layer, value):
             Q.zero_()
 
 
-def optimizer_for(layers):
-    return torch.optim.SGD([p for l in layers.values() for p in l.parameters() if p.requires_grad], lr=0.1)
-
-
 def test_allocator_defaults_and_initial_norms():
     layers = toy_layers(n=3, rank=1, ref_rank=4)
     alloc = RankAllocator(layers, total_steps=100)
@@ -278,107 +343,119 @@ def test_allocator_defaults_and_initial_norms():
 
 def test_allocator_grows_the_top_scorer_at_the_right_steps():
     layers = toy_layers(n=3)
-    opt = optimizer_for(layers)
     alloc = RankAllocator(layers, total_steps=20, target_total_rank=6, schedule="topk", top_k=1,
                           warmup=4, interval=3, rank_step=1)
     set_core_scale(layers["m1"], 3.0)
     for t in range(1, 6):
-        assert alloc.step(t, opt) == [], t  # t <= warmup, or t % interval != 0
+        assert alloc.update_and_allocate(t) == [], t  # t <= warmup, or t % interval != 0
     assert alloc.scores == {}
-    assert alloc.step(6, opt) == ["m1"]
+    assert alloc.update_and_allocate(6) == ["m1"]
     assert alloc.scores == pytest.approx({"m0": 0.0, "m1": 2.0, "m2": 0.0})
     assert alloc.rank_pattern() == {"m0": 1, "m1": 2, "m2": 1}
     assert alloc.events == [(6, "m1", 1)]
     # m1's N dropped from 3 to sqrt(9 + 1) / 2 by its new identity block: a negative score next time.
     set_core_scale(layers["m2"], 2.0)
-    assert alloc.step(7, opt) == [] and alloc.step(9, opt) == ["m2"]
+    assert alloc.update_and_allocate(7) == [] and alloc.update_and_allocate(9) == ["m2"]
     assert alloc.scores["m1"] == pytest.approx(math.sqrt(10) / 2 - 3.0)
 
 
 def test_allocator_ties_all_grow_in_layer_order():
     layers = toy_layers(n=4)
-    opt = optimizer_for(layers)
     alloc = RankAllocator(layers, total_steps=10, target_total_rank=12, schedule="topk", top_k=1, rank_step=2)
     set_core_scale(layers["m3"], 2.0)
     set_core_scale(layers["m1"], 2.0)
-    assert alloc.step(1, opt) == ["m1", "m3"]
+    assert alloc.update_and_allocate(1) == ["m1", "m3"]
     assert alloc.rank_pattern() == {"m0": 1, "m1": 3, "m2": 1, "m3": 3}
 
 
 def test_allocator_never_exceeds_the_budget_and_grows_partially():
     layers = toy_layers(n=3)
-    opt = optimizer_for(layers)
     alloc = RankAllocator(layers, total_steps=10, target_total_rank=6, schedule="topk", top_k=3, rank_step=2)
     for name, v in (("m0", 4.0), ("m1", 3.0), ("m2", 2.0)):
         set_core_scale(layers[name], v)
     # Deficit 3: m0 takes 2, m1 the last 1, m2 nothing.
-    assert alloc.step(1, opt) == ["m0", "m1"]
+    assert alloc.update_and_allocate(1) == ["m0", "m1"]
     assert alloc.rank_pattern() == {"m0": 3, "m1": 2, "m2": 1} and alloc.total_rank == 6
-    assert alloc.step(2, opt) == []  # budget reached: no round, scores untouched
+    assert alloc.update_and_allocate(2) == []  # budget reached: no round, scores untouched
     assert alloc.scores["m2"] == pytest.approx(1.0)
 
 
 def test_allocator_linear_schedule_counts():
     layers = toy_layers(n=6, d=16)
-    opt = optimizer_for(layers)
     alloc = RankAllocator(layers, total_steps=110, target_total_rank=30, schedule="linear",
                           warmup=10, interval=10, rank_step=1)
     for i, name in enumerate(layers):
         set_core_scale(layers[name], 1.0 + i)  # distinct scores, m5 highest
     # t = 60: p = 0.5, D = 24, K = 12 clamped to the 6 matrices below their cap: all grow.
-    assert alloc.step(60, opt) == ["m5", "m4", "m3", "m2", "m1", "m0"]
+    assert alloc.update_and_allocate(60) == ["m5", "m4", "m3", "m2", "m1", "m0"]
     for i, name in enumerate(layers):
         set_core_scale(layers[name], 10.0 - i)  # m0 highest now
     # t = 30: p = 0.2, D = 18, K = floor(3.6) = 3.
-    assert alloc.step(30, opt) == ["m0", "m1", "m2"]
+    assert alloc.update_and_allocate(30) == ["m0", "m1", "m2"]
 
 
 def test_allocator_skips_capped_matrices():
     layers = toy_layers(n=2)
-    opt = optimizer_for(layers)
     alloc = RankAllocator(layers, total_steps=10, target_total_rank=8, schedule="topk", top_k=1,
                           rank_step=1, max_rank=2)
     set_core_scale(layers["m0"], 5.0)
-    assert alloc.step(1, opt) == ["m0"]
+    assert alloc.update_and_allocate(1) == ["m0"]
     set_core_scale(layers["m0"], 50.0)  # highest score, but at its cap of 2
-    assert alloc.step(2, opt) == ["m1"]
-    assert alloc.step(3, opt) == []     # both capped: nothing can grow
+    assert alloc.update_and_allocate(2) == ["m1"]
+    assert alloc.update_and_allocate(3) == []     # both capped: nothing can grow
     assert alloc.rank_pattern() == {"m0": 2, "m1": 2}
 
 
-def test_grown_tensors_replace_the_old_ones_in_the_optimizer_with_their_state():
+def test_a_growth_keeps_the_optimizers_and_ddps_tensors_and_new_entries_start_with_zero_moments(tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
     torch.manual_seed(0)
-    layers = toy_layers(n=2)
-    trainable = lambda: [p for l in layers.values() for p in l.parameters() if p.requires_grad]
+    layers = toy_layers(n=2)  # d = 8, r_ref = 2: capacity 4
+    model = nn.Sequential(*layers.values())
+    trainable = lambda: [p for p in model.parameters() if p.requires_grad]
+    ids = [id(p) for p in trainable()]
     opt = torch.optim.AdamW(trainable(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     alloc = RankAllocator(layers, total_steps=10, target_total_rank=4, schedule="topk", top_k=1, rank_step=1)
     x = torch.randn(16, 8)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        ddp = DDP(model)  # one process: what DDP registered (its reducer's parameters) is what it holds
 
-    def step():
-        opt.zero_grad(set_to_none=True)
-        ((layers["m1"](layers["m0"](x)) - 1.0) ** 2).mean().backward()
-        opt.step()
-    step()
-    m0 = layers["m0"]
-    old_state = {k: v.clone() for k, v in opt.state[m0.B].items()}
-    set_core_scale(m0, 2.0)
-    assert alloc.step(1, opt) == ["m0"]
-    # Still one group, holding exactly the model's trainable tensors, the grown ones in place of the old.
-    assert len(opt.param_groups) == 1
-    assert all(p is q for p, q in zip(opt.param_groups[0]["params"], trainable(), strict=True))
-    assert [p.shape for p in opt.param_groups[0]["params"][:4]] == [(2, 8), (8, 2), (2, 2), (2, 2)]
-    # The state moved along: the old column of B keeps its moments, the new one starts at zero, and
-    # both share the old tensor's step count.
-    state = opt.state[m0.B]
-    for key in ("exp_avg", "exp_avg_sq"):
-        assert torch.equal(state[key][:, :1], old_state[key]) and torch.count_nonzero(state[key][:, 1:]) == 0
-    assert torch.equal(state["step"], old_state["step"])
-    before = m0.B.detach().clone()
-    step()
-    assert torch.count_nonzero(m0.B[:, 1:] - before[:, 1:]) > 0  # new column of B: a gradient at once
-    # Entries outside the blocks stay exactly zero (no gradient; weight decay keeps a zero at zero).
-    assert torch.count_nonzero(m0.L * (1 - m0.L_mask)) == 0
-    assert torch.count_nonzero(m0.U * (1 - m0.U_mask)) == 0
+        def step():
+            opt.zero_grad(set_to_none=True)
+            ((ddp(x) - 1.0) ** 2).mean().backward()
+            opt.step()
+        step()
+        m0 = layers["m0"]
+        old_state = {p: {k: v.clone() for k, v in opt.state[p].items()} for p in (m0.A, m0.B, m0.L, m0.U)}
+        set_core_scale(m0, 2.0)
+        assert alloc.update_and_allocate(1) == ["m0"] and m0.block_sizes == [1, 1] and m0.capacity == 4
+        # The same tensors everywhere: the model's, the optimizer's (one group) and DDP's.
+        assert [id(p) for p in trainable()] == ids
+        assert len(opt.param_groups) == 1 and [id(p) for p in opt.param_groups[0]["params"]] == ids
+        assert [id(p) for p in ddp._module_parameters if p.requires_grad] == ids
+        assert {id(p) for p in opt.state} == set(ids)
+        # The growth did not touch the optimizer's state: the old entries keep their moments and step
+        # count, and the newly active ones (A's row 1, B's column 1, P_1 = L[1, :2], Q_1 = U[:2, 1])
+        # hold zero moments, as they never had a gradient.
+        new = {m0.A: (slice(1, 2),), m0.B: (slice(None), slice(1, 2)), m0.L: (1, slice(0, 2)),
+               m0.U: (slice(0, 2), 1)}
+        for p, where in new.items():
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(opt.state[p][key], old_state[p][key]), key
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert torch.count_nonzero(opt.state[p][key][where]) == 0, key
+        before = m0.B.detach().clone()
+        step()
+        assert torch.count_nonzero(m0.B[:, 1] - before[:, 1]) > 0  # new column of B: a gradient at once
+        assert torch.count_nonzero(opt.state[m0.B]["exp_avg"][:, 1]) > 0
+        # Entries past the rank and outside the blocks stay exactly zero (no gradient; weight decay keeps a
+        # zero at zero).
+        assert_rest_is_zero(m0)
+        assert torch.count_nonzero(opt.state[m0.A]["exp_avg_sq"][2:]) == 0
+    finally:
+        dist.destroy_process_group()
 
 
 def test_count_trainable_uses_the_closed_form():
@@ -396,26 +473,29 @@ def test_count_trainable_uses_the_closed_form():
 
 def test_allocator_state_round_trip_rebuilds_shapes_and_groups():
     layers = toy_layers(n=3)
-    opt = optimizer_for(layers)
     alloc = RankAllocator(layers, total_steps=10, target_total_rank=8, schedule="topk", top_k=2, rank_step=2)
     set_core_scale(layers["m2"], 2.0)
     set_core_scale(layers["m0"], 1.5)
-    alloc.step(1, opt)
+    alloc.update_and_allocate(1)
     state = alloc.state_dict()
     fresh = toy_layers(n=3)
-    opt2 = optimizer_for(fresh)
+    params = [p for l in fresh.values() for p in l.parameters() if p.requires_grad]
     alloc2 = RankAllocator(fresh, total_steps=10, target_total_rank=8, schedule="topk", top_k=2, rank_step=2)
-    alloc2.load_state_dict(state, opt2)
+    alloc2.load_state_dict(state)
     assert alloc2.rank_pattern() == alloc.rank_pattern() == {"m0": 3, "m1": 1, "m2": 3}
     assert [l.block_sizes for l in fresh.values()] == [[1, 2], [1], [1, 2]]
-    assert [[p.shape for p in g["params"]] for g in opt2.param_groups] == \
-        [[p.shape for p in g["params"]] for g in opt.param_groups]
-    assert alloc2.prev == alloc.prev and alloc2.scores == alloc.scores
+    # The replay grows in place: an optimizer made before it still holds the layers' tensors.
+    assert all(p is q for p, q in zip(params, [p for l in fresh.values() for p in l.parameters()
+                                               if p.requires_grad], strict=True))
+    for a, b in zip(layers.values(), fresh.values()):
+        assert a.capacity == b.capacity == 4
+        for name in ("L_mask", "U_mask", "gram_mask"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert alloc2.prev == alloc.prev and alloc2.scores == alloc.scores and alloc2.events == alloc.events
 
 
 def test_allocator_sync_decides_who_grows():
     layers = toy_layers(n=3)
-    opt = optimizer_for(layers)
     seen = []
 
     def sync(norms):  # e.g. rank 0's norms broadcast to every process; here: m2 always looks fastest
@@ -425,7 +505,7 @@ def test_allocator_sync_decides_who_grows():
                           rank_step=1, sync=sync)
     assert seen == [{"m0": 1.0, "m1": 1.0, "m2": 1.0}] and alloc.prev["m2"] == 10.0  # at construction
     set_core_scale(layers["m0"], 5.0)  # the local norms say m0
-    assert alloc.step(1, opt) == ["m2"]
+    assert alloc.update_and_allocate(1) == ["m2"]
     assert len(seen) == 2 and seen[1]["m0"] == pytest.approx(5.0)
     assert alloc.scores == pytest.approx({"m0": 4.0, "m1": 0.0, "m2": 10.0})
 
@@ -450,8 +530,8 @@ def test_resume_after_growth_continues_bit_identically():
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
             opt.step()
+            alloc.update_and_allocate(t)
             opt.zero_grad(set_to_none=True)
-            alloc.step(t, opt)
             losses.append(loss.item())
         return losses
 
@@ -462,8 +542,13 @@ def test_resume_after_growth_continues_bit_identically():
     shapes = [[p.shape for p in g["params"]] for g in opt.param_groups]
     assert alloc.events  # grown before the checkpoint
     straight = train(model, layers, opt, alloc, range(5, 9))
+    # every growth stayed within the capacity (6 = 2 r_ref): the optimizer made at injection holds the
+    # model's tensors all along
+    assert all(l.capacity == 6 for l in layers.values())
+    assert all(p is q for p, q in zip(opt.param_groups[0]["params"],
+                                      [p for p in model.parameters() if p.requires_grad], strict=True))
     model2, layers2, opt2, alloc2 = build()
-    alloc2.load_state_dict(saved[2], opt2)
+    alloc2.load_state_dict(saved[2])
     model2.load_state_dict(saved[0])
     opt2.load_state_dict(saved[1])
     torch.set_rng_state(rng)
@@ -480,6 +565,58 @@ def test_budget_below_initial_rank_is_refused():
         RankAllocator(toy_layers(n=3, rank=2), total_steps=10, target_total_rank=5)
 
 
+# ----------------------------------------------------------------------------- torch.compile
+
+def compile_setup():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
+    layers = inject(model, ["0", "2"], rank=1, ref_rank=4)  # capacities 8 and 4
+    x, y = torch.randn(16, 8), torch.randn(16, 4)
+
+    def loss_fn(x, y):  # the fine-tune step's forward and loss
+        return F.mse_loss(model(x), y) + 0.1 * orthogonal_penalty(layers)
+    return model, layers, loss_fn, x, y
+
+
+def test_the_fine_tune_step_has_no_graph_break():
+    torch._dynamo.reset()
+    try:
+        _, _, loss_fn, x, y = compile_setup()
+        explanation = torch._dynamo.explain(loss_fn)(x, y)
+        assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+    finally:
+        torch._dynamo.reset()
+
+
+def test_growths_within_the_capacity_compile_once():
+    torch._dynamo.reset()
+    compiles = []
+
+    def backend(gm, example_inputs):  # counts what dynamo hands over; runs the captured graph as is
+        compiles.append(gm)
+        return gm.forward
+    try:
+        model, layers, loss_fn, x, y = compile_setup()
+        step = torch.compile(loss_fn, backend=backend)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        alloc = RankAllocator(layers, total_steps=20, target_total_rank=8, schedule="topk", top_k=1, warmup=1,
+                              interval=2, rank_step=1)
+        for t in range(1, 13):
+            with torch.no_grad():
+                expected = loss_fn(x, y)  # eager, at the same parameters and masks
+            loss = step(x, y)
+            assert torch.allclose(loss, expected, rtol=1e-6, atol=0), t  # the graph reads the current masks
+            loss.backward()
+            opt.step()
+            alloc.update_and_allocate(t)
+            opt.zero_grad(set_to_none=True)
+        assert len({t for t, _, _ in alloc.events}) >= 3 and alloc.total_rank == 8
+        assert [l.capacity for l in layers.values()] == [8, 4]  # every growth in place
+        assert len(compiles) == 1
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_layer_matches_cpu():
     layer = layer_with_blocks([2, 3], d_in=16, d_out=12)
@@ -488,5 +625,6 @@ def test_cuda_layer_matches_cpu():
     expected = layer(x)
     layer.cuda()
     assert torch.allclose(layer(x.cuda()).cpu(), expected, atol=1e-5)
-    new = layer.grow(2)
-    assert all(p.is_cuda for p in new)
+    layer.grow(2)
+    assert all(t.is_cuda for t in [*layer.parameters(), *layer.buffers()])
+    assert torch.allclose(layer(x.cuda()).cpu(), expected, atol=1e-5)  # growth keeps the function
