@@ -101,7 +101,8 @@ def test_trainable_parameter_count_closed_form(blocks, core_params):
     corner = torch.zeros(c, c)
     corner[:r, :r] = 1
     assert torch.equal(layer.gram_mask, corner)
-    assert torch.count_nonzero(layer.L_mask * (1 - corner)) == 0 and torch.count_nonzero(layer.U_mask * (1 - corner)) == 0
+    assert torch.count_nonzero(layer.L_mask * (1 - corner)) == 0
+    assert torch.count_nonzero(layer.U_mask * (1 - corner)) == 0
     # The active factors A[:r], B[:, :r]: A's rows drawn, B zero; everything past r is zero.
     assert layer.A[:r].shape == (r, d_in) and torch.count_nonzero(layer.A[:r]) == r * d_in
     assert layer.B[:, :r].shape == (d_out, r) and torch.count_nonzero(layer.B) == 0
