@@ -184,7 +184,7 @@ class AdaLoRALinear(nn.Module):
                 f"r={self.A.shape[0]}, live={self.rank}, s={self.scale:g}")
 
     def adapter_entry(self):
-        """This layer in triadapt.adapter_state()'s output; load_adalora() rebuilds it."""
+        """This layer in report.adapter_state()'s output; load_adalora() rebuilds it."""
         return {"kind": "adalora", "alpha": self.scale * self.ref_rank, "ref_rank": self.ref_rank,
                 "A": self.A, "B": self.B, "E": self.E, "live": self.live}
 
@@ -589,4 +589,4 @@ class IncreLoRAAllocator(triadapt.RankAllocator):
         self.young = [(n, lo, hi, t0, [b.to(device) for b in before]) for n, lo, hi, t0, before in state["young"]]
 
 
-BUILDERS = {"lora": load_lora, "adalora": load_adalora, "increlora": load_increlora}  # for triadapt.load_adapter
+BUILDERS = {"lora": load_lora, "adalora": load_adalora, "increlora": load_increlora}  # for report.load_adapter

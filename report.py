@@ -125,6 +125,18 @@ def load_adapter(model, state, alpha=16.0, ref_rank=8, builders=baselines.BUILDE
     return layers
 
 
+@torch.no_grad()
+def merge_adapters(model):
+    """Fold every adapter of `model` into its base weight (W <- W + dW) and put that plain nn.Linear back
+    in the adapter's place, so that the state_dict has the keys of the model without adapters."""
+    for name, layer in [(n, m) for n, m in model.named_modules() if hasattr(m, "delta_weight")]:
+        if not getattr(layer, "merged", False):
+            layer.base.weight += layer.delta_weight().to(layer.base.weight.dtype)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer.base)
+    return model
+
+
 def state_fingerprint(state):
     """sha256 over a state_dict's names, dtypes, shapes and values in sorted key order: what identifies
     a base model. Unlike a hash of the file's bytes, a re-saved copy of the same weights matches."""

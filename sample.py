@@ -42,7 +42,6 @@ import data
 import options
 import report
 import tasks
-import triadapt
 from model import GPT, GPTConfig
 from options import UsageError, load_checkpoint
 
@@ -192,7 +191,7 @@ def first_problem(e):
 def merged_checkpoint(model):
     """dW folded into the base weights and the adapter layers replaced by their plain nn.Linear: the
     format of a base checkpoint, {"model": state_dict, "config": asdict(GPTConfig)}."""
-    triadapt.merge_adapters(model)
+    report.merge_adapters(model)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return {"model": state, "config": asdict(model.config)}
 

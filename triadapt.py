@@ -6,17 +6,14 @@ A frozen linear layer y = x W^T + b (W is d_out x d_in) is adapted as
     y  = x W^T + b + (x (s C A)^T) B^T          # forward(): dW is never built
     dW = s * B @ C @ A                          # delta_weight(), for merge() and inspection
 
-with A (r x d_in), B (d_out x r), core C (r x r), rank r and a constant s = alpha / r_ref. The core grows
-in blocks k_0, k_1, ..., with R_j = k_0 + ... + k_j (R_-1 = 0, r = R_m). Block j owns a row block P_j
+with A (r x d_in), B (d_out x r), core C = L + U (r x r), rank r and a constant s = alpha / r_ref. The core
+grows in blocks k_0, k_1, ..., R_j = k_0 + ... + k_j (R_-1 = 0, r = R_m): block j owns a row block P_j
 (k_j x R_j) of L at rows R_{j-1}:R_j, a column block Q_j (R_j x k_j) of U at columns R_{j-1}:R_j, k_j rows
-of A and k_j columns of B; C = L + U, and a matrix trains r (d_in + d_out) + 2 sum_j k_j R_j numbers.
-A block starts as A rows ~ N(0, init_std^2), B columns 0, P_j = [0 | I], Q_j = 0: C = I and dW = 0 at
-injection, and grow(k) leaves dW exactly unchanged. A matrix's importance is how fast N(C) moves,
-
-    N(C) = ||C||_F / r,     score = N(C now) - N(C at the previous round),
-
-and every `interval` steps after `warmup` RankAllocator grows the K best-scoring matrices by k, with
-p = (t - warmup) / (T - warmup), deficit D = R_target - R_total and
+of A and k_j columns of B, so a matrix trains r (d_in + d_out) + 2 sum_j k_j R_j numbers. A block starts
+as A rows ~ N(0, init_std^2), B columns 0, P_j = [0 | I], Q_j = 0: C = I and dW = 0 at injection, and
+grow(k) leaves dW exactly unchanged. Every `interval` steps after `warmup` RankAllocator scores each
+matrix by how fast N(C) = ||C||_F / r moved since the previous round, and grows the K best by k, with
+p = (t - warmup) / (T - warmup) and deficit D = R_target - R_total:
 
     linear: K = floor(D * p)    exponential: K = floor(D ** p)    topk: K = top_k
 
@@ -24,12 +21,11 @@ clamped to [1, matrices below their cap]; ties with the K-th score all grow, and
 R_target. The loss adds lambda * R_orth, R_orth = 1/(2n) sum_l (||A A^T - I_r||_F + ||B^T B - I_r||_F).
 
 Storage at a fixed capacity c >= r: A (c, d_in), B (d_out, c), L, U (c, c), and buffers L_mask, U_mask
-holding s on the blocks' entries and 0 elsewhere, so s C = L * L_mask + U * U_mask (s folded into the
-masks); A's rows and B's columns past r are zero and get no gradient. A growth writes its block in place
-and opens the masks: the parameters stay the same tensors, so the optimizer, DDP and a compiled step
-see nothing change. The capacity starts at 2 r_ref (at least the initial rank) and doubles, up to
-min(d_in, d_out), when a growth would pass it: the one event that re-creates the tensors, at most
-ceil(log2(cap / c_0)) times a run (the caller then moves the optimizer's state, train.follow_resized).
+holding s on the blocks' entries, 0 elsewhere (s C = L * L_mask + U * U_mask); A's rows and B's columns
+past r are zero and get no gradient. A growth writes in place and opens the masks, so the optimizer, DDP
+and a compiled step see the same tensors. The capacity starts at 2 r_ref and doubles, up to
+min(d_in, d_out), when a growth would pass it: the one event that re-creates the tensors (at most
+ceil(log2(cap / c_0)) a run; the loop then moves the optimizer's state, train.follow_resized).
 
     layers = inject(model, ["q_proj", "v_proj"], rank=1, ref_rank=8)          # {name: TriAdaptLinear}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
@@ -39,7 +35,6 @@ ceil(log2(cap / c_0)) times a run (the caller then moves the optimizer's state, 
         loss.backward(); opt.step()
         allocator.update_and_allocate(t)  # may grow ranks, in place
         opt.zero_grad()
-
 python -m pytest -q tests -m "not slow" checks the math (tests/test_oracle.py: a literal slow version).
 """
 import itertools
@@ -157,8 +152,7 @@ class TriAdaptLinear(nn.Module):
             self.base.weight += sign * self.delta_weight().to(self.base.weight.dtype)
             self.merged = sign > 0
 
-    def unmerge(self):
-        self.merge(-1)
+    unmerge = lambda self: self.merge(-1)
 
     def adapter_entry(self):
         """The active entries only (no capacity padding); load_adapter() rebuilds the layer from them."""
@@ -176,8 +170,8 @@ class TriAdaptLinear(nn.Module):
             view.copy_(entry[key])
 
     def extra_repr(self):
-        return (f"d_in={self.base.in_features}, d_out={self.base.out_features}, blocks={self.block_sizes}, "
-                f"capacity={self.capacity}, s={self.scale:g}")
+        d_out, d_in = self.base.weight.shape
+        return f"d_in={d_in}, d_out={d_out}, blocks={self.block_sizes}, capacity={self.capacity}, s={self.scale:g}"
 
 
 def normalized_frobenius(C):
@@ -197,13 +191,31 @@ def growth_count(schedule, p, deficit, top_k=1):
     raise ValueError(f"unknown schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
 
 
-def orthogonal_penalty(layers):
-    """R_orth = 1/(2n) sum_l (||A_l A_l^T - I_r||_F + ||B_l^T B_l - I_r||_F) over n adapted layers.
+class MaskedGramNorms(torch.autograd.Function):
+    """sum_i ||(G_i - I) * M_i||_F, G_i = X_i X_i^T (rows: X_i is A, c x d) or X_i^T X_i (X_i is B, d x c).
+    Its gradient, 2 D_i X_i / ||D_i||_F (or 2 X_i D_i / ||D_i||_F) with D_i the masked, symmetric difference,
+    is written out: one batched product and one unbind, where autograd's chain takes a slice a factor."""
 
-    The Gram matrices are taken at capacity, and G - I is masked to the active r x r corner (layer.gram_mask),
-    so what lies past r adds exactly nothing. Factors of one shape go through one batched product: one
-    stack, bmm, mask and norm for every group of layers, not for every layer.
-    """
+    @staticmethod
+    def forward(ctx, rows, masks, *Xs):
+        X = torch.stack(Xs)                                                        # (n, c, d) or (n, d, c)
+        eye = torch.eye(masks.shape[-1], device=X.device, dtype=X.dtype)
+        D = ((X @ X.mT if rows else X.mT @ X) - eye) * masks                       # (n, c, c)
+        norms = torch.linalg.matrix_norm(D)                                        # (n,)
+        ctx.rows = rows
+        ctx.save_for_backward(X, D, norms)
+        return norms.sum()
+
+    @staticmethod
+    def backward(ctx, g):
+        X, D, norms = ctx.saved_tensors
+        D = D * (2 * g / norms.clamp_min(1e-30))[:, None, None]                    # (n, c, c)
+        return (None, None, *(D @ X if ctx.rows else X @ D).unbind(0))
+
+
+def orthogonal_penalty(layers):
+    """R_orth = 1/(2n) sum_l (||A_l A_l^T - I_r||_F + ||B_l^T B_l - I_r||_F) over n adapted layers: the Grams
+    at capacity, G - I masked to the r x r corner (gram_mask), factors of one shape in one batched product."""
     layers = list(layers.values()) if isinstance(layers, dict) else list(layers)
     groups = {}
     for layer in layers:
@@ -211,11 +223,8 @@ def orthogonal_penalty(layers):
         groups.setdefault(("B", layer.B.shape), []).append(layer)
     total = 0.0
     for (side, _), group in groups.items():
-        X = torch.stack([layer.A if side == "A" else layer.B for layer in group])  # (n, c, d) or (n, d, c)
-        gram = X @ X.mT if side == "A" else X.mT @ X                                 # (n, c, c)
-        mask = torch.stack([layer.gram_mask for layer in group])                     # (n, c, c)
-        eye = torch.eye(gram.shape[-1], device=gram.device, dtype=gram.dtype)
-        total = total + torch.linalg.matrix_norm((gram - eye) * mask).sum()
+        masks = torch.stack([layer.gram_mask for layer in group])                  # (n, c, c)
+        total = total + MaskedGramNorms.apply(side == "A", masks, *[getattr(layer, side) for layer in group])
     return total / (2 * len(layers))
 
 
@@ -248,18 +257,6 @@ def count_trainable(model):
     own = {id(p) for m in adapters for p in m.parameters(recurse=False)}
     others = sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in own)
     return others + sum(m.n_trainable for m in adapters)
-
-
-@torch.no_grad()
-def merge_adapters(model):
-    """Fold every adapter of `model` into its base weight (W <- W + dW) and put that plain nn.Linear back
-    in the adapter's place, so that the state_dict has the keys of the model without adapters."""
-    for name, layer in [(n, m) for n, m in model.named_modules() if hasattr(m, "delta_weight")]:
-        if not getattr(layer, "merged", False):
-            layer.base.weight += layer.delta_weight().to(layer.base.weight.dtype)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer.base)
-    return model
 
 
 class RankAllocator:
