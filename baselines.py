@@ -81,37 +81,56 @@ import triadapt
 
 class LoRALinear(nn.Module):
     """Plain LoRA in the same code path: y = x W^T + b + (alpha / r) * (x A^T) B^T."""
+    KIND = "lora"
 
-    def __init__(self, base: nn.Linear, rank=8, alpha=16.0, init_std=0.02):
+    def __init__(self, base, rank=8, alpha=16.0, init_std=0.02, fan_in_fan_out=None):
         super().__init__()
+        self.d_out, self.d_in, self.fan_in_fan_out = triadapt.base_shape(base, fan_in_fan_out)
         self.base = base.requires_grad_(False)
-        self.scale, self.rank = alpha / rank, rank
-        w = base.weight
-        self.A = nn.Parameter(torch.randn(rank, base.in_features, device=w.device, dtype=w.dtype) * init_std)
-        self.B = nn.Parameter(torch.zeros(base.out_features, rank, device=w.device, dtype=w.dtype))
+        self.alpha, self.scale, self.rank, self.merged = alpha, alpha / rank, rank, False
+        kw = dict(device=base.weight.device, dtype=triadapt.adapter_dtype(base.weight))
+        self.A = nn.Parameter(torch.randn(rank, self.d_in, **kw) * init_std)  # (r, d_in)
+        self.B = nn.Parameter(torch.zeros(self.d_out, rank, **kw))            # (d_out, r)
 
     @property
     def n_trainable(self):
         """r (d_in + d_out)."""
-        return self.rank * (self.base.in_features + self.base.out_features)
+        return self.rank * (self.d_in + self.d_out)
 
     def delta_weight(self):
         return self.scale * self.B @ self.A  # (d_out, d_in)
 
     def forward(self, x):
-        return self.base(x) + (x @ self.A.t()) @ (self.scale * self.B).t()  # s on the small factor
+        y = self.base(x)
+        return y if self.merged else y + triadapt.adapter_out(x, self.A, self.scale * self.B, y.dtype)
+
+    merge = lambda self: triadapt.merge_into_base(self, 1)
+    unmerge = lambda self: triadapt.merge_into_base(self, -1)
+
+    def lora_factors(self):
+        """(lora_A, lora_B) = (A, s B): their product is delta_weight()."""
+        return self.A.detach(), (self.scale * self.B).detach()
 
     def adapter_entry(self):
-        return {"kind": "lora", "alpha": self.scale * self.rank, "A": self.A, "B": self.B}
+        return {"kind": self.KIND, "alpha": self.alpha, "rank": self.rank, "fan_in_fan_out": self.fan_in_fan_out,
+                "A": self.A, "B": self.B}
+
+    @classmethod
+    @torch.no_grad()
+    def from_entry(cls, base, entry):
+        layer = cls(base, rank=entry["rank"], alpha=entry["alpha"], fan_in_fan_out=entry["fan_in_fan_out"])
+        load_tensors(layer, entry, ("A", "B"))
+        return layer
 
 
-def load_lora(model, name, entry):
-    (layer,) = triadapt.inject(model, [name], layer_cls=LoRALinear, rank=len(entry["A"]),
-                               alpha=entry["alpha"]).values()
-    with torch.no_grad():
-        layer.A.copy_(entry["A"])
-        layer.B.copy_(entry["B"])
-    return layer
+@torch.no_grad()
+def load_tensors(layer, entry, keys):
+    """Copy entry[key] into layer.key for each key, refusing a shape that differs."""
+    for key in keys:
+        mine = getattr(layer, key)
+        if mine.shape != entry[key].shape:
+            raise ValueError(f"{key} is saved as {tuple(entry[key].shape)}, but the layer's is {tuple(mine.shape)}")
+        mine.copy_(entry[key])
 
 
 # ----------------------------------------------------------------------------- AdaLoRA
@@ -119,19 +138,19 @@ def load_lora(model, name, entry):
 class AdaLoRALinear(nn.Module):
     """A frozen nn.Linear plus AdaLoRA's adapter s * B @ diag(E) @ A; `live` marks the kept triplets."""
 
-    def __init__(self, base: nn.Linear, rank, alpha=16.0, ref_rank=8, init_std=0.02):
+    KIND = "adalora"
+
+    def __init__(self, base, rank, alpha=16.0, ref_rank=8, init_std=0.02, fan_in_fan_out=None):
         super().__init__()
-        if rank < 1 or rank > min(base.in_features, base.out_features):
-            raise ValueError(f"rank must be in [1, {min(base.in_features, base.out_features)}], got {rank}")
-        self.base = base
-        for p in base.parameters():
-            p.requires_grad_(False)
-        self.scale = alpha / ref_rank
+        d_out, d_in, self.fan_in_fan_out = triadapt.base_shape(base, fan_in_fan_out)
+        if rank < 1 or rank > min(d_in, d_out):
+            raise ValueError(f"rank must be in [1, {min(d_in, d_out)}], got {rank}")
+        self.base = base.requires_grad_(False)
+        self.d_out, self.d_in, self.alpha, self.scale = d_out, d_in, alpha, alpha / ref_rank
         self.ref_rank = ref_rank
         self.init_std = init_std
         w = base.weight
-        d_out, d_in = w.shape
-        kw = dict(device=w.device, dtype=w.dtype)
+        kw = dict(device=w.device, dtype=triadapt.adapter_dtype(w))
         self.A = nn.Parameter(torch.randn(rank, d_in, **kw) * init_std)   # (r, d_in)
         self.B = nn.Parameter(torch.randn(d_out, rank, **kw) * init_std)  # (d_out, r)
         self.E = nn.Parameter(torch.zeros(rank, **kw))                    # (r,)
@@ -149,12 +168,12 @@ class AdaLoRALinear(nn.Module):
     @property
     def n_trainable(self):
         """live * (d_in + d_out + 1): what the adapter holds at the end."""
-        return self.rank * (self.base.in_features + self.base.out_features + 1)
+        return self.rank * (self.d_in + self.d_out + 1)
 
     @property
     def n_held(self):
         """r * (d_in + d_out + 1): what trains, since masked triplets keep training and may revive."""
-        return self.A.shape[0] * (self.base.in_features + self.base.out_features + 1)
+        return self.A.shape[0] * (self.d_in + self.d_out + 1)
 
     @torch.no_grad()
     def set_live(self, live):
@@ -174,30 +193,32 @@ class AdaLoRALinear(nn.Module):
         y = self.base(x)
         if self.merged:
             return y
-        h = (x @ self.A.t()) * self.E               # (..., r)
-        return y + h @ (self.scale * self.B).t()    # (..., d_out), s on the small factor
+        h = (triadapt.to_adapter_dtype(x, self.A) @ self.A.t()) * self.E    # (..., r)
+        out = h @ (self.scale * self.B).t()                                  # (..., d_out), s on the small factor
+        return y + (out if out.dtype == y.dtype else out.to(y.dtype))
 
-    merge, unmerge = triadapt.TriAdaptLinear.merge, triadapt.TriAdaptLinear.unmerge  # they use delta_weight
+    merge = lambda self: triadapt.merge_into_base(self, 1)
+    unmerge = lambda self: triadapt.merge_into_base(self, -1)
+
+    def lora_factors(self):
+        """(lora_A, lora_B) = (A, s B E) on the live triplets: their product is delta_weight()."""
+        return self.A[self.live].detach(), (self.scale * (self.B * self.E))[:, self.live].detach()
 
     def extra_repr(self):
-        return (f"d_in={self.base.in_features}, d_out={self.base.out_features}, "
-                f"r={self.A.shape[0]}, live={self.rank}, s={self.scale:g}")
+        return f"d_in={self.d_in}, d_out={self.d_out}, r={self.A.shape[0]}, live={self.rank}, s={self.scale:g}"
 
     def adapter_entry(self):
-        """This layer in report.adapter_state()'s output; load_adalora() rebuilds it."""
-        return {"kind": "adalora", "alpha": self.scale * self.ref_rank, "ref_rank": self.ref_rank,
-                "A": self.A, "B": self.B, "E": self.E, "live": self.live}
+        """This layer's kind, settings and values; from_entry() rebuilds it."""
+        return {"kind": self.KIND, "alpha": self.alpha, "ref_rank": self.ref_rank,
+                "fan_in_fan_out": self.fan_in_fan_out, "A": self.A, "B": self.B, "E": self.E, "live": self.live}
 
-
-def load_adalora(model, name, entry):
-    """Wrap the linear `name` of `model` in an AdaLoRALinear holding adapter_entry()'s values."""
-    (layer,) = triadapt.inject(model, [name], layer_cls=AdaLoRALinear, rank=len(entry["E"]),
-                               alpha=entry["alpha"], ref_rank=entry["ref_rank"]).values()
-    with torch.no_grad():
-        for key in ("A", "B", "E"):
-            getattr(layer, key).copy_(entry[key])
-    layer.set_live(entry["live"].to(layer.live.device))
-    return layer
+    @classmethod
+    def from_entry(cls, base, entry):
+        layer = cls(base, rank=len(entry["E"]), alpha=entry["alpha"], ref_rank=entry["ref_rank"],
+                    fan_in_fan_out=entry["fan_in_fan_out"])
+        load_tensors(layer, entry, ("A", "B", "E"))
+        layer.set_live(entry["live"].to(layer.live.device))
+        return layer
 
 
 class AdaLoRAAllocator:
@@ -210,7 +231,7 @@ class AdaLoRAAllocator:
     """
 
     def __init__(self, layers, total_steps, target_total_rank=None, init_warmup=0, final_warmup=None,
-                 interval=1, beta1=0.85, beta2=0.85, sync=None):
+                 interval=1, beta1=0.85, beta2=0.85, sync=None, optimizer=None):
         if not layers:
             raise ValueError("AdaLoRAAllocator needs at least one layer")
         self.layers = dict(layers)
@@ -233,6 +254,7 @@ class AdaLoRAAllocator:
         self.I_bar = [torch.zeros_like(p, dtype=torch.float32) for _, _, p in self.params]
         self.U_bar = [torch.zeros_like(p, dtype=torch.float32) for _, _, p in self.params]
         self.final_mask_set = False
+        self.optimizer, self.recreated = optimizer, []  # no tensor is ever re-created: the API of RankAllocator
         self.scores = {}  # {name: triplet scores (r,)} of the last masking, on the CPU, for reports
         self.events = []  # (t, name, live count) whenever a layer's live count changes
 
@@ -347,12 +369,14 @@ ADVANCE_EPS = 1e-3  # the frozen core entry of an advance block: small, so it ba
 class IncreLoRALinear(triadapt.TriAdaptLinear):
     """TriAdaptLinear with IncreLoRA's switches: a diagonal core, sensitivity tracking, an advance block."""
 
-    def __init__(self, base: nn.Linear, rank=1, alpha=16.0, ref_rank=8, init_std=0.02, core="triangular",
-                 advance=0):
+    KIND = "increlora"
+
+    def __init__(self, base, rank=1, alpha=16.0, ref_rank=8, init_std=0.02, core="triangular", advance=0,
+                 fan_in_fan_out=None):
         if core not in CORES:
             raise ValueError(f"unknown core {core!r}: choose one of {', '.join(CORES)}")
         self.core_kind, self.advance = core, 0  # read by open_block() and grow() in the base's __init__
-        super().__init__(base, rank, alpha, ref_rank, init_std)
+        super().__init__(base, rank, alpha, ref_rank, init_std, fan_in_fan_out)
         self.track_sensitivity = False  # set by IncreLoRAAllocator(importance="sensitivity")
         self.grad_dW = self._dW = None  # (d_out, d_in): dL/ddW of this step, and dW before the step
         self.register_buffer("ahead", torch.zeros_like(self.L), persistent=False)  # (c, c), s eps on advance
@@ -364,7 +388,7 @@ class IncreLoRALinear(triadapt.TriAdaptLinear):
     @property
     def n_trainable(self):
         core = self.rank if self.core_kind == "diagonal" else 2 * sum((hi - lo) * hi for lo, hi in self.blocks())
-        return (self.rank + self.advance) * sum(self.base.weight.shape) + core
+        return (self.rank + self.advance) * (self.d_in + self.d_out) + core
 
     def open_block(self, lo, hi):
         if self.core_kind == "triangular":
@@ -452,29 +476,20 @@ class IncreLoRALinear(triadapt.TriAdaptLinear):
             return self.A.new_zeros((), dtype=torch.float32)
         return (dW * G).abs().sum() / math.sqrt(dW.numel())
 
+    def lora_factors(self):
+        """As TriAdaptLinear's, over the rank and the advance block (its eps-sized term is part of dW)."""
+        n = self.rank + self.advance
+        return (self.scaled_core()[:n, :n] @ self.A[:n]).detach(), self.B[:, :n].detach()
+
     def adapter_entry(self):
-        entry = {**super().adapter_entry(), "kind": "increlora", "core": self.core_kind,
-                 "alpha": self.scale * self.ref_rank, "ref_rank": self.ref_rank}
-        if self.advance:  # the advance block is part of dW (its eps-sized term)
-            r = self.rank
-            entry.update(A_next=self.A[r:r + self.advance], B_next=self.B[:, r:r + self.advance])
-        return entry
+        """TriAdaptLinear's entry, with the core's kind and the advance block (A_next, B_next: k rows)."""
+        r, a = self.rank, self.advance
+        return {**super().adapter_entry(), "kind": self.KIND, "core": self.core_kind, "advance": a,
+                "A_next": self.A[r:r + a], "B_next": self.B[:, r:r + a]}
 
-
-def load_increlora(model, name, entry):
-    first, *rest = entry["block_sizes"]
-    advance = len(entry["A_next"]) if "A_next" in entry else 0
-    (layer,) = triadapt.inject(model, [name], layer_cls=IncreLoRALinear, rank=first, alpha=entry["alpha"],
-                               ref_rank=entry["ref_rank"], core=entry["core"], advance=advance).values()
-    for k in rest:
-        layer.grow(k)
-    layer.load_entry(entry)
-    if advance:
-        r = layer.rank
-        with torch.no_grad():
-            layer.A[r:r + advance] = entry["A_next"]
-            layer.B[:, r:r + advance] = entry["B_next"]
-    return layer
+    @classmethod
+    def from_entry(cls, base, entry):
+        return super().from_entry(base, entry, core=entry["core"], advance=entry["advance"])
 
 
 class IncreLoRAAllocator(triadapt.RankAllocator):
@@ -494,9 +509,9 @@ class IncreLoRAAllocator(triadapt.RankAllocator):
                  reduce=None, optimizer=None, **kwargs):
         if importance not in IMPORTANCES:
             raise ValueError(f"unknown importance {importance!r}: choose one of {', '.join(IMPORTANCES)}")
-        super().__init__(layers, total_steps, **kwargs)
+        super().__init__(layers, total_steps, optimizer=optimizer, **kwargs)
         self.importance_kind, self.betas, self.block_warmup = importance, betas, block_warmup
-        self.reduce, self.optimizer = reduce, optimizer
+        self.reduce = reduce
         for layer in self.layers.values():
             layer.track_sensitivity = importance == "sensitivity"
         device = next(iter(self.layers.values())).A.device
@@ -548,11 +563,10 @@ class IncreLoRAAllocator(triadapt.RankAllocator):
 
     def grow(self, t, name, k):
         layer = self.layers[name]
-        lo, a, A, B = layer.rank, layer.advance, layer.A, layer.B
-        super().grow(t, name, k)
-        if a:  # the block that went live and the refilled one start with zero moments; in the state of the
-            # tensors the optimizer holds now (a doubling re-created them: the loop then pads that state)
-            self.zero_moments(A, B, lo, layer.rank + layer.advance)
+        lo, a = layer.rank, layer.advance
+        super().grow(t, name, k)  # moves the optimizer's state into re-created tensors, if any
+        if a:  # the block that went live and the refilled one start with zero moments
+            self.zero_moments(layer.A, layer.B, lo, layer.rank + layer.advance)
         if self.block_warmup:
             self.young.append((name, lo, layer.rank, t, None))
 
@@ -589,4 +603,4 @@ class IncreLoRAAllocator(triadapt.RankAllocator):
         self.young = [(n, lo, hi, t0, [b.to(device) for b in before]) for n, lo, hi, t0, before in state["young"]]
 
 
-BUILDERS = {"lora": load_lora, "adalora": load_adalora, "increlora": load_increlora}  # for report.load_adapter
+

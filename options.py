@@ -15,6 +15,7 @@ import os
 
 import torch
 
+import adapters
 import baselines
 import data
 import tasks
@@ -178,14 +179,12 @@ def explicit_flags(argv):
 # ----------------------------------------------------------------------------- checking the input
 
 def load_checkpoint(path, what="checkpoint"):
+    """Every file the project opens comes through here: tensors and plain data only, nothing that runs
+    code when read (adapters.load_file); anything else is one line and exit 2."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise UsageError(f"{what} {path} does not exist") from None
-    except IsADirectoryError:
-        raise UsageError(f"{what} {path} is a directory, not a file") from None
-    except Exception as e:  # a truncated or foreign file fails in many ways inside torch.load
-        raise UsageError(f"{what} {path} is truncated or corrupt ({type(e).__name__})") from None
+        return adapters.load_file(path, what)
+    except adapters.AdapterFileError as e:
+        raise UsageError(str(e)) from None
 
 
 def flag(name):

@@ -18,10 +18,11 @@ from dataclasses import asdict
 
 import torch
 
-import baselines
+import adapters
 import data
 import plot
 import tasks
+import tensorfile
 import triadapt
 from options import TARGETS, public_args
 
@@ -32,7 +33,7 @@ def atomic_save(obj, path, writer=None):
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            (writer or (lambda o, fh: torch.save(o, fh)))(obj, f)
+            (writer or adapters.save_file)(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -93,50 +94,6 @@ def report(args, run, folder, base_ckpt):
     return metrics
 
 
-ADAPTER_FORMAT = "triadapt-adapter-1"  # the "format" entry of every adapter.pt
-
-
-def adapter_state(layers):
-    """{name: entry}: every layer's adapter_entry() on the CPU (a copy: training goes on)."""
-    return {name: {k: v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v
-                   for k, v in layer.adapter_entry().items()} for name, layer in layers.items()}
-
-
-def load_adapter(model, state, alpha=16.0, ref_rank=8, builders=baselines.BUILDERS):
-    """Wrap, in place, the linears of `model` named in `state` (adapter_state's output) and load them.
-
-    A TriAdaptLinear is made at its first block's size, grown by each later block, then loaded.
-    `builders` maps an entry's "kind" (a baseline's layer) to a function (model, name, entry) -> layer.
-    """
-    layers = {}
-    for name, entry in state.items():
-        kind = entry.get("kind")
-        if kind is not None:
-            if kind not in (builders or {}):
-                raise ValueError(f"{name}: no builder for adapter kind {kind!r}")
-            layers[name] = builders[kind](model, name, entry)
-            continue
-        first, *rest = entry["block_sizes"]
-        (layer,) = triadapt.inject(model, [name], rank=first, alpha=alpha, ref_rank=ref_rank).values()
-        for k in rest:
-            layer.grow(k)
-        layer.load_entry(entry)
-        layers[name] = layer
-    return layers
-
-
-@torch.no_grad()
-def merge_adapters(model):
-    """Fold every adapter of `model` into its base weight (W <- W + dW) and put that plain nn.Linear back
-    in the adapter's place, so that the state_dict has the keys of the model without adapters."""
-    for name, layer in [(n, m) for n, m in model.named_modules() if hasattr(m, "delta_weight")]:
-        if not getattr(layer, "merged", False):
-            layer.base.weight += layer.delta_weight().to(layer.base.weight.dtype)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer.base)
-    return model
-
-
 def state_fingerprint(state):
     """sha256 over a state_dict's names, dtypes, shapes and values in sorted key order: what identifies
     a base model. Unlike a hash of the file's bytes, a re-saved copy of the same weights matches."""
@@ -155,17 +112,25 @@ def save_adapter(args, run, folder, base_ckpt):
     is the whole state_dict."""
     model, full = run.model, run.extra["schedule"] == "full"
     head = model.cls_head.state_dict() if model.cls_head is not None and not full else None
-    adapter = {"format": ADAPTER_FORMAT, "schedule": run.extra["schedule"], "run": run.name,
-               "arch": args.arch, "task": args.task,
-               "targets": list(args.target_list), "alpha": args.alpha, "ref_rank": args.ref_rank,
+    adapter = {"format": adapters.FORMAT, "schedule": run.extra["schedule"], "run": run.name,
+               "arch": args.arch, "task": args.task, "targets": list(args.target_list),
                "n_classes": model.config.n_classes, "model_config": asdict(model.config),
-               "layers": adapter_state(run.layers),  # {name: block_sizes (or rank) and factors}
+               "layers": adapters.adapter_state(run.layers),  # {name: kind, settings and values}
                "cls_head": {k: v.detach().cpu() for k, v in head.items()} if head else None,
                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()} if full else None,
                "base_path": base_ckpt.get("path"), "base_fingerprint": state_fingerprint(base_ckpt["model"])}
     path = os.path.join(folder, "adapter.pt")
-    atomic_save(adapter, path)
+    atomic_save(adapter, path, adapters.save_file)
     return path
+
+
+def write_peft_lora(folder, config, tensors):
+    """<folder>/adapter_model.safetensors and adapter_config.json (adapters.peft_config, peft_tensors),
+    each written atomically; the config last, so a folder with a config is complete."""
+    atomic_save(tensors, os.path.join(folder, "adapter_model.safetensors"),
+                lambda obj, fh: tensorfile.write(fh, obj, {"format": "pt"}))
+    atomic_save(config, os.path.join(folder, "adapter_config.json"),
+                lambda obj, fh: fh.write(json.dumps(obj, indent=2).encode()))
 
 
 def human_size(n):

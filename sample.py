@@ -38,6 +38,7 @@ from dataclasses import asdict
 import torch
 import torch.nn.functional as F
 
+import adapters
 import data
 import options
 import report
@@ -59,6 +60,9 @@ def build_parser():
                         "to use instead of --run")
     p.add_argument("--export", default=None,
                    help="write the run's model, adapters merged into the base weights, to this file and exit")
+    p.add_argument("--export-lora", default=None,
+                   help="write the run's adapters to this folder in PEFT's LoRA format "
+                        "(adapter_config.json, adapter_model.safetensors) and exit")
     p.add_argument("--prompt", default="The ",
                    help="text the samples continue; FILE:path reads it from a file")
     p.add_argument("--num-samples", type=int, default=1, help="samples to draw")
@@ -80,6 +84,12 @@ def validate(args):
         raise UsageError("give one of --run (a run folder) and --merged (a merged checkpoint)")
     if args.export and args.merged:
         raise UsageError("--export needs --run: a --merged checkpoint is merged already")
+    if args.export_lora and not args.run:
+        raise UsageError("--export-lora needs --run: a --merged checkpoint holds no adapters")
+    if args.export and args.export_lora:
+        raise UsageError("give --export or --export-lora, not both")
+    if args.export_lora and os.path.exists(args.export_lora) and not os.path.isdir(args.export_lora):
+        raise UsageError(f"--export-lora {args.export_lora} is a file, not a folder")
     if args.base and not args.run:
         raise UsageError("--base goes with --run: it is the base the run's adapter goes on")
     if args.export and os.path.isdir(args.export):
@@ -111,8 +121,11 @@ def read_adapter(run):
     if not os.path.exists(path):
         raise UsageError(f"run folder {run} holds no adapter.pt (train.py writes it when a run finishes)")
     adapter = load_checkpoint(path, "adapter")
-    if not isinstance(adapter, dict) or adapter.get("format") != report.ADAPTER_FORMAT:
-        raise UsageError(f"{path} is not an adapter file of this version ({report.ADAPTER_FORMAT})")
+    if isinstance(adapter, dict) and adapter.get("format") == "triadapt-adapter-1":
+        raise UsageError(f"{path} is an adapter file of the first format (triadapt-adapter-1), whose entries do "
+                         f"not all record their kind and settings: train the run again to write {adapters.FORMAT}")
+    if not isinstance(adapter, dict) or adapter.get("format") != adapters.FORMAT:
+        raise UsageError(f"{path} is not an adapter file of this version ({adapters.FORMAT})")
     return adapter, path
 
 
@@ -157,10 +170,10 @@ def model_from_adapter(adapter, base_ckpt, adapter_path="adapter"):
             missing, unexpected = model.load_state_dict(state, strict=False)
             if unexpected or any(not k.startswith("cls_head.") for k in missing):
                 raise ValueError(f"{len(missing)} missing and {len(unexpected)} unexpected keys in the base")
-            report.load_adapter(model, adapter["layers"], adapter["alpha"], adapter["ref_rank"])
+            adapters.load_adapter(model, adapter["layers"])
             if adapter["cls_head"] is not None:
                 model.cls_head.load_state_dict(adapter["cls_head"])
-    except (ValueError, RuntimeError, KeyError) as e:
+    except (ValueError, RuntimeError, KeyError) as e:  # adapters.AdapterFileError is a ValueError
         raise UsageError(f"{adapter_path} does not fit its base: {first_problem(e)}") from None
     return model.eval()
 
@@ -191,7 +204,7 @@ def first_problem(e):
 def merged_checkpoint(model):
     """dW folded into the base weights and the adapter layers replaced by their plain nn.Linear: the
     format of a base checkpoint, {"model": state_dict, "config": asdict(GPTConfig)}."""
-    report.merge_adapters(model)
+    adapters.merge_adapters(model)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return {"model": state, "config": asdict(model.config)}
 
@@ -241,6 +254,8 @@ def run(args):
         model, adapter = load_merged(args.merged), None
         task = read_plain_checkpoint(args.merged, "merged checkpoint").get("task")
     source = args.run or args.merged
+    if args.export_lora:
+        return export_lora(model, adapter, args.run, args.export_lora)
     if args.export:
         merged = {**merged_checkpoint(model), "merged_from": args.run, "task": task}
         try:
@@ -284,6 +299,26 @@ def run(args):
                                  args.top_k, args.seed, args.device_name):
         print(text)
         print("---------------")
+
+
+def export_lora(model, adapter, run_folder, folder):
+    """The run's adapters as PEFT's LoRA: lora_B @ lora_A = dW for every module, scale 1."""
+    if adapter["schedule"] == "full":
+        raise UsageError(f"{run_folder} is a full fine-tune: it has no LoRA form (use --export for the merged model)")
+    if adapter["cls_head"] is not None:
+        raise UsageError(f"{run_folder} is a classifier: its new head has no place in a LoRA file "
+                         f"(use --export for the merged model)")
+    fold = adapters.lora_fold(adapters.adapter_layers(model))
+    if not fold:
+        raise UsageError(f"every adapter of {run_folder} has rank 0: there is no LoRA to export")
+    try:
+        config = adapters.peft_config(fold)
+        report.write_peft_lora(folder, config, adapters.peft_tensors(fold))
+    except OSError as e:
+        raise UsageError(f"--export-lora {folder} cannot be written: {e.strerror or e}") from None
+    ranks = config["rank_pattern"].values()
+    print(f"wrote {len(fold)} LoRA modules of {run_folder} (ranks {min(ranks)}..{max(ranks)}) to {folder}: "
+          f"adapter_config.json, adapter_model.safetensors")
 
 
 def main(argv=None):

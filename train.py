@@ -48,6 +48,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import adapters
 import baselines
 import data
 import tasks
@@ -82,14 +83,18 @@ def make_optimizer(params, lr, weight_decay):
 
 
 def rng_state(batch_gen):
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+    """Every generator's state as tensors and plain values: a checkpoint loads with weights_only=True."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+            "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "batch": batch_gen.get_state()}
 
 
 def set_rng_state(state, batch_gen):
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -311,32 +316,14 @@ def checkpoint_state(run, args, t0):
             "seconds": run.seconds + time.time() - t0, **run.extra}
 
 
-def follow_resized(optimizer, old, new):
-    """An adapter's capacity doubled: put each re-created tensor of `new` ({name: parameter}) where its
-    `old` one is in the optimizer, its state zero-padded into the new shape (the step count moves as is)."""
-    swap = {id(old[n]): p for n, p in new.items() if n in old and old[n] is not p}
-    for group in optimizer.param_groups:
-        group["params"] = [swap.get(id(p), p) for p in group["params"]]
-    for o in [o for o in list(optimizer.state) if id(o) in swap]:
-        state, n = optimizer.state.pop(o), swap[id(o)]
-        for key, v in state.items():
-            if torch.is_tensor(v) and v.shape == o.shape:
-                state[key] = v.new_zeros(n.shape)
-                state[key][tuple(slice(0, size) for size in o.shape)] = v
-        optimizer.state[n] = state
-    return bool(swap)
-
-
 def trainable(model):
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
 def restore(run, ckpt, path):
     """Growth first (capacities and masks), then the model's and optimizer's state, then the rest."""
-    if run.allocator is not None:
-        before = trainable(run.model)
+    if run.allocator is not None:  # it replays the growths, and puts re-created tensors in the optimizer
         run.allocator.load_state_dict(ckpt["allocator"])
-        follow_resized(run.optimizer, before, trainable(run.model))
     try:
         run.model.load_state_dict(ckpt["model"])
     except RuntimeError:
@@ -419,7 +406,7 @@ def train_loop(run, args, procs):
             opt.step()
             # grow: after the step, before zero_grad (AdaLoRA reads this step's gradients); in place
             if run.allocator is not None and run.allocator.update_and_allocate(t):
-                if follow_resized(opt, params, trainable(model)):  # a capacity doubled: new tensors
+                if run.allocator.recreated:  # a capacity doubled: the optimizer follows, the wrappers not
                     params, step_fn = trainable(model), wrap(run, args, procs)
                 run.extra["max_held"] = max(run.extra.get("max_held", 0), count_held(model))
             opt.zero_grad(set_to_none=True)
@@ -528,20 +515,33 @@ def build_finetune_model(args, schedule, base_ckpt, n_classes):
     model.load_state_dict(base_state, strict=False)  # the classification head is new
     model.to(args.device_name)
     layers = {}
-    if schedule == "lora":
-        layers = triadapt.inject(model, args.target_list, layer_cls=baselines.LoRALinear,
-                                 rank=args.ref_rank, alpha=args.alpha)
-    elif schedule == "adalora":
-        layers = triadapt.inject(model, args.target_list, layer_cls=baselines.AdaLoRALinear,
-                                 rank=args.adalora_rank, alpha=args.alpha, ref_rank=args.ref_rank)
-    elif schedule != "full":
-        g = growth_options(args, schedule)
-        switches = {} if g["plain"] else dict(layer_cls=baselines.IncreLoRALinear, core=g["core"], advance=g["advance"])
-        layers = triadapt.inject(model, args.target_list, rank=args.init_rank, alpha=args.alpha,
-                                 ref_rank=args.ref_rank, **switches)
+    kind, layer_options, _ = method(args, schedule)
+    if kind is not None:
+        layers = triadapt.inject(model, args.target_list, layer_cls=kind.layer_cls, **layer_options)
     if model.cls_head is not None:  # the head is new, so it trains in every schedule
         model.cls_head.requires_grad_(True)
     return model, layers
+
+
+def method(args, schedule):
+    """(adapters.Kind, the layer's options, the allocator's options) of a schedule: the one place that
+    turns a schedule's name into an adapter kind; (None, {}, {}) for full fine-tuning."""
+    common = dict(total_steps=args.iters, target_total_rank=args.budget_total, interval=args.interval)
+    if schedule == "full":
+        return None, {}, {}
+    if schedule == "lora":
+        return adapters.KINDS["lora"], dict(rank=args.ref_rank, alpha=args.alpha), {}
+    if schedule == "adalora":
+        return adapters.KINDS["adalora"], dict(rank=args.adalora_rank, alpha=args.alpha, ref_rank=args.ref_rank), \
+            dict(init_warmup=args.warmup, final_warmup=args.adalora_final, **common)
+    g = growth_options(args, schedule)
+    layer = dict(rank=args.init_rank, alpha=args.alpha, ref_rank=args.ref_rank)
+    common.update(schedule=g["schedule"], warmup=args.warmup, rank_step=args.rank_step, top_k=args.top_k,
+                  max_rank=args.max_rank)
+    if g["plain"]:
+        return adapters.KINDS["triadapt"], layer, common
+    return adapters.KINDS["increlora"], dict(layer, core=g["core"], advance=g["advance"]), \
+        dict(common, importance=g["importance"], block_warmup=g["block_warmup"])
 
 
 def growth_options(args, schedule):
@@ -560,23 +560,15 @@ def growth_options(args, schedule):
 
 
 def make_allocator(args, procs, schedule, layers, optimizer):
-    """The allocator of a schedule that changes ranks while it trains (None for lora and full)."""
-    sync = procs.broadcast_norms if procs.world > 1 else None
-    if schedule == "adalora":
-        return baselines.AdaLoRAAllocator(layers, total_steps=args.iters, target_total_rank=args.budget_total,
-                                          init_warmup=args.warmup, final_warmup=args.adalora_final,
-                                          interval=args.interval, sync=sync)
-    if schedule not in options.GROWING:
+    """The allocator of a schedule that changes ranks while it trains (None for lora and full); it keeps
+    `optimizer` right when a growth re-creates tensors."""
+    kind, _, options_ = method(args, schedule)
+    if kind is None or kind.allocator_cls is None:
         return None
-    g = growth_options(args, schedule)
-    common = dict(total_steps=args.iters, target_total_rank=args.budget_total, schedule=g["schedule"],
-                  warmup=args.warmup, interval=args.interval, rank_step=args.rank_step, top_k=args.top_k,
-                  max_rank=args.max_rank, sync=sync)
-    if g["plain"]:
-        return triadapt.RankAllocator(layers, **common)
-    return baselines.IncreLoRAAllocator(layers, importance=g["importance"], block_warmup=g["block_warmup"],
-                                        reduce=procs.mean_over_processes if procs.world > 1 else None,
-                                        optimizer=optimizer, **common)
+    sync = procs.broadcast_norms if procs.world > 1 else None
+    if kind.allocator_cls is baselines.IncreLoRAAllocator:  # dL/ddW of each process's share, averaged
+        options_["reduce"] = procs.mean_over_processes if procs.world > 1 else None
+    return kind.allocator_cls(layers, sync=sync, optimizer=optimizer, **options_)
 
 
 def count_held(model):

@@ -25,16 +25,24 @@ holding s on the blocks' entries, 0 elsewhere (s C = L * L_mask + U * U_mask); A
 past r are zero and get no gradient. A growth writes in place and opens the masks, so the optimizer, DDP
 and a compiled step see the same tensors. The capacity starts at 2 r_ref and doubles, up to
 min(d_in, d_out), when a growth would pass it: the one event that re-creates the tensors (at most
-ceil(log2(cap / c_0)) a run; the loop then moves the optimizer's state, train.follow_resized).
+ceil(log2(cap / c_0)) a run). The allocator then puts the new tensors in the optimizer, in the old ones'
+place, Adam's moments zero-padded (move_to_new_tensors), and lists the layer in `allocator.recreated`: a
+caller that wrapped the model (DDP, torch.compile) wraps it again then, and only then.
 
     layers = inject(model, ["q_proj", "v_proj"], rank=1, ref_rank=8)          # {name: TriAdaptLinear}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
-    allocator = RankAllocator(layers, total_steps=T, warmup=100, interval=10)
+    allocator = RankAllocator(layers, total_steps=T, warmup=100, interval=10, optimizer=opt)
     for t in range(1, T + 1):
         loss = loss_fn(model(x), y) + 0.1 * orthogonal_penalty(layers)
         loss.backward(); opt.step()
-        allocator.update_and_allocate(t)  # may grow ranks, in place
+        allocator.update_and_allocate(t)  # may grow ranks, in place; keeps `opt` right through a doubling
         opt.zero_grad()
+
+Any model: a base is an nn.Linear (weight (d_out, d_in)) or a Conv1D-style layer with weight (d_in, d_out)
+(fan_in_fan_out, detected from GPT-2's `nf` attribute); on a float16/bfloat16 base the adapter's tensors
+are float32 (as PEFT's), its output is cast to the base's dtype. The LoRA fold (lora_factors()):
+dW = s B C A = lora_B @ lora_A with lora_B = B (d_out, r), lora_A = (s C) A (r, d_in), the product as
+delta_weight() takes it.
 python -m pytest -q tests -m "not slow" checks the math (tests/test_oracle.py: a literal slow version).
 """
 import itertools
@@ -46,16 +54,38 @@ import torch.nn as nn
 SCHEDULES = ("linear", "exponential", "topk")
 
 
-class TriAdaptLinear(nn.Module):
-    """A frozen nn.Linear plus the triangular adapter s * B @ (L + U) @ A, at a fixed capacity."""
+KIND = "triadapt"  # the "kind" of this layer's adapter entries (adapters.py: the registry of kinds)
 
-    def __init__(self, base: nn.Linear, rank=1, alpha=16.0, ref_rank=8, init_std=0.02):
+
+def base_shape(base, fan_in_fan_out=None):
+    """(d_out, d_in, fan_in_fan_out) of a layer to adapt: an nn.Linear stores W (d_out, d_in), a Conv1D
+    (GPT-2's, recognized by its `nf`) stores W^T (d_in, d_out) and computes x @ W + b."""
+    weight = getattr(base, "weight", None)
+    if not (torch.is_tensor(weight) and weight.dim() == 2):
+        raise ValueError(f"cannot adapt a {type(base).__name__}: it has no 2-D weight")
+    if fan_in_fan_out is None:
+        fan_in_fan_out = not isinstance(base, nn.Linear) and hasattr(base, "nf")
+    d_out, d_in = weight.shape[::-1] if fan_in_fan_out else weight.shape
+    return d_out, d_in, fan_in_fan_out
+
+
+def adapter_dtype(weight):
+    """float32 on a half-precision base (PEFT's choice): near 1.0 bf16's spacing is 2^-7, so AdamW's small
+    updates to the core's diagonal would round away."""
+    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+
+
+class TriAdaptLinear(nn.Module):
+    """A frozen nn.Linear (or Conv1D) plus the triangular adapter s * B @ (L + U) @ A, at a fixed capacity."""
+
+    def __init__(self, base, rank=1, alpha=16.0, ref_rank=8, init_std=0.02, fan_in_fan_out=None):
         super().__init__()
-        self.max_rank = min(base.in_features, base.out_features)
+        self.d_out, self.d_in, self.fan_in_fan_out = base_shape(base, fan_in_fan_out)
+        self.max_rank = min(self.d_in, self.d_out)
         if not 1 <= rank <= self.max_rank:
             raise ValueError(f"rank must be in [1, {self.max_rank}], got {rank}")
         self.base = base.requires_grad_(False)
-        self.scale, self.ref_rank, self.init_std = alpha / ref_rank, ref_rank, init_std
+        self.alpha, self.scale, self.ref_rank, self.init_std = alpha, alpha / ref_rank, ref_rank, init_std
         self.block_sizes, self.merged = [], False
         self._allocate(min(self.max_rank, max(rank, 2 * ref_rank)))
         self.grow(rank)
@@ -63,14 +93,14 @@ class TriAdaptLinear(nn.Module):
     def _allocate(self, c):
         """Zero factors and masks at capacity c: what a layer of rank 0 holds."""
         w = self.base.weight
-        d_out, d_in = w.shape
-        self.A = nn.Parameter(w.new_zeros(c, d_in))   # (c, d_in), rows past r are 0
-        self.B = nn.Parameter(w.new_zeros(d_out, c))  # (d_out, c), columns past r are 0
-        self.L = nn.Parameter(w.new_zeros(c, c))      # (c, c), row block j is P_j, 0 elsewhere
-        self.U = nn.Parameter(w.new_zeros(c, c))      # (c, c), column block j is Q_j, 0 elsewhere
-        self.register_buffer("L_mask", w.new_zeros(c, c))  # (c, c), s on the row blocks
-        self.register_buffer("U_mask", w.new_zeros(c, c))  # (c, c), s on the column blocks
-        self.register_buffer("gram_mask", w.new_zeros(c, c), persistent=False)  # (c, c), 1 on the r x r corner
+        kw = dict(device=w.device, dtype=adapter_dtype(w))
+        self.A = nn.Parameter(torch.zeros(c, self.d_in, **kw))   # (c, d_in), rows past r are 0
+        self.B = nn.Parameter(torch.zeros(self.d_out, c, **kw))  # (d_out, c), columns past r are 0
+        self.L = nn.Parameter(torch.zeros(c, c, **kw))           # (c, c), row block j is P_j, 0 elsewhere
+        self.U = nn.Parameter(torch.zeros(c, c, **kw))           # (c, c), column block j is Q_j, 0 elsewhere
+        self.register_buffer("L_mask", torch.zeros(c, c, **kw))  # (c, c), s on the row blocks
+        self.register_buffer("U_mask", torch.zeros(c, c, **kw))  # (c, c), s on the column blocks
+        self.register_buffer("gram_mask", torch.zeros(c, c, **kw), persistent=False)  # (c, c), 1 on r x r
 
     capacity = property(lambda self: self.A.shape[0])  # c
     rank = property(lambda self: sum(self.block_sizes))  # r
@@ -78,7 +108,7 @@ class TriAdaptLinear(nn.Module):
     @property
     def n_trainable(self):
         """r (d_in + d_out) + 2 sum_j k_j R_j: the numbers that train (never the masked zeros)."""
-        return self.rank * sum(self.base.weight.shape) + 2 * sum((hi - lo) * hi for lo, hi in self.blocks())
+        return self.rank * (self.d_in + self.d_out) + 2 * sum((hi - lo) * hi for lo, hi in self.blocks())
 
     def blocks(self):
         """[(R_{j-1}, R_j) for every block j]."""
@@ -107,7 +137,7 @@ class TriAdaptLinear(nn.Module):
             return y
         # s C A costs c^2 d_in once a call, where h C^T would cost c^2 per token, forward and backward
         CA = self.scaled_core() @ self.A   # (c, d_in), rows past r are 0
-        return y + (x @ CA.t()) @ self.B.t()  # (..., d_out)
+        return y + adapter_out(x, CA, self.B, y.dtype)  # (..., d_out)
 
     @torch.no_grad()
     def grow(self, k):
@@ -145,20 +175,32 @@ class TriAdaptLinear(nn.Module):
         for name, t in itertools.chain(self.named_parameters(recurse=False), self.named_buffers(recurse=False)):
             t[tuple(slice(0, size) for size in old[name].shape)] = old[name]
 
-    @torch.no_grad()
-    def merge(self, sign=1):
-        """W <- W + dW, for inference (forward() then skips the adapter); merge(-1) is unmerge()."""
-        if self.merged != (sign > 0):
-            self.base.weight += sign * self.delta_weight().to(self.base.weight.dtype)
-            self.merged = sign > 0
+    merge = lambda self: merge_into_base(self, 1)     # W <- W + dW: forward() then skips the adapter
+    unmerge = lambda self: merge_into_base(self, -1)  # W <- W - dW
 
-    unmerge = lambda self: self.merge(-1)
+    def lora_factors(self):
+        """(lora_A (r, d_in), lora_B (d_out, r)) with lora_B @ lora_A = dW: s C A and B on the active rank."""
+        r = self.rank
+        return (self.scaled_core()[:r, :r] @ self.A[:r]).detach(), self.B[:, :r].detach()
 
     def adapter_entry(self):
-        """The active entries only (no capacity padding); load_adapter() rebuilds the layer from them."""
+        """The kind, the settings and the active entries only (no capacity padding): adapters.py saves it,
+        from_entry() rebuilds the layer from it."""
         r = self.rank
-        return {"block_sizes": list(self.block_sizes), "A": self.A[:r], "B": self.B[:, :r],
+        return {"kind": KIND, "alpha": self.alpha, "ref_rank": self.ref_rank, "fan_in_fan_out": self.fan_in_fan_out,
+                "block_sizes": list(self.block_sizes), "A": self.A[:r], "B": self.B[:, :r],
                 "L": self.L[:r, :r], "U": self.U[:r, :r]}
+
+    @classmethod
+    def from_entry(cls, base, entry, **kwargs):
+        """The layer adapter_entry() describes, on `base`: made at its first block, grown by the others."""
+        first, *rest = entry["block_sizes"]
+        layer = cls(base, rank=first, alpha=entry["alpha"], ref_rank=entry["ref_rank"],
+                    fan_in_fan_out=entry["fan_in_fan_out"], **kwargs)
+        for k in rest:
+            layer.grow(k)
+        layer.load_entry(entry)
+        return layer
 
     @torch.no_grad()
     def load_entry(self, entry):
@@ -170,8 +212,30 @@ class TriAdaptLinear(nn.Module):
             view.copy_(entry[key])
 
     def extra_repr(self):
-        d_out, d_in = self.base.weight.shape
-        return f"d_in={d_in}, d_out={d_out}, blocks={self.block_sizes}, capacity={self.capacity}, s={self.scale:g}"
+        return (f"d_in={self.d_in}, d_out={self.d_out}, blocks={self.block_sizes}, capacity={self.capacity}, "
+                f"s={self.scale:g}")
+
+
+def to_adapter_dtype(x, A):
+    """x in the adapter's dtype (float32 on a half-precision base); under autocast the matmul picks its
+    own dtype, and a cast here would only add an op."""
+    return x if x.dtype == A.dtype or torch.is_autocast_enabled(x.device.type) else x.to(A.dtype)
+
+
+def adapter_out(x, CA, B, dtype):
+    """(x (CA)^T) B^T in the adapter's dtype, returned in `dtype` (the base's output's)."""
+    out = (to_adapter_dtype(x, CA) @ CA.t()) @ B.t()  # (..., d_out)
+    return out if out.dtype == dtype else out.to(dtype)
+
+
+@torch.no_grad()
+def merge_into_base(layer, sign):
+    """W <- W + sign dW (W^T for a Conv1D base) for any adapter layer with delta_weight() and `merged`."""
+    if layer.merged != (sign > 0):
+        dW = layer.delta_weight()  # (d_out, d_in)
+        weight = layer.base.weight
+        weight += sign * (dW.t() if layer.fan_in_fan_out else dW).to(weight.dtype)
+        layer.merged = sign > 0
 
 
 def normalized_frobenius(C):
@@ -218,36 +282,55 @@ def orthogonal_penalty(layers):
     at capacity, G - I masked to the r x r corner (gram_mask), factors of one shape in one batched product."""
     layers = list(layers.values()) if isinstance(layers, dict) else list(layers)
     groups = {}
-    for layer in layers:
-        groups.setdefault(("A", layer.A.shape), []).append(layer)
-        groups.setdefault(("B", layer.B.shape), []).append(layer)
-    total = 0.0
-    for (side, _), group in groups.items():
-        masks = torch.stack([layer.gram_mask for layer in group])                  # (n, c, c)
-        total = total + MaskedGramNorms.apply(side == "A", masks, *[getattr(layer, side) for layer in group])
-    return total / (2 * len(layers))
+    for layer in layers:  # one stack per shape, device and dtype: torch.stack takes nothing else
+        for side in "AB":
+            X = getattr(layer, side)
+            groups.setdefault((side, X.shape, X.device, X.dtype), []).append(layer)
+    parts = [MaskedGramNorms.apply(side == "A", torch.stack([layer.gram_mask for layer in group]),  # (n, c, c)
+                                   *[getattr(layer, side) for layer in group])
+             for (side, *_), group in groups.items()]
+    if len({(p.device, p.dtype) for p in parts}) > 1:  # a model spread over devices or dtypes
+        parts = [p.to(parts[0].device, torch.float32) for p in parts]
+    return sum(parts) / (2 * len(layers))
+
+
+def adaptable(module):
+    """An nn.Linear, or a Conv1D-style layer (a 2-D weight and GPT-2's `nf`, its output width)."""
+    weight = getattr(module, "weight", None)
+    return isinstance(module, nn.Linear) or (hasattr(module, "nf") and torch.is_tensor(weight) and weight.dim() == 2)
+
+
+def reads_weight_directly(model, name):
+    """nn.MultiheadAttention hands out_proj.weight to a fused kernel and never calls out_proj(x): an adapter
+    there would be skipped (or fail), so inject() refuses it."""
+    parent, _, child = name.rpartition(".")
+    owner = model.get_submodule(parent) if parent else model
+    return isinstance(owner, nn.MultiheadAttention) and child == "out_proj"
 
 
 def inject(model, targets, layer_cls=TriAdaptLinear, **layer_kwargs):
-    """Freeze `model` and wrap, in place, every nn.Linear whose qualified name ends with a target.
+    """Freeze `model` and wrap, in place, every nn.Linear or Conv1D whose qualified name ends with a target.
 
     A target matches whole name components: "proj" matches "mlp.proj", not "attn.out_proj".
     Returns {qualified name: adapter layer} in the model's module order.
     """
-    model.requires_grad_(False)
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    hit, layers = set(), {}
-    for name, linear in linears:
-        matched = {t for t in targets if name == t or name.endswith("." + t)}
-        if matched:
-            hit |= matched
-            layers[name] = layer_cls(linear, **layer_kwargs)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, layers[name])
-    missing = [t for t in targets if t not in hit]
+    candidates = [(n, m) for n, m in model.named_modules() if adaptable(m)]
+    chosen = [(n, m) for n, m in candidates if any(n == t or n.endswith("." + t) for t in targets)]
+    refused = [n for n, _ in chosen if reads_weight_directly(model, n)]
+    if refused:
+        raise ValueError(f"{refused[0]} cannot be adapted: its parent nn.MultiheadAttention reads its weight "
+                         f"directly instead of calling it")
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n, _ in chosen)]
     if missing:
-        kinds = sorted({n.rpartition(".")[2] for n, _ in linears})
-        raise ValueError(f"no nn.Linear named {', '.join(missing)}; linears in this model: {', '.join(kinds)}")
+        kinds = sorted({n.rpartition(".")[2] for n, _ in candidates})
+        raise ValueError(f"no nn.Linear or Conv1D named {', '.join(missing)}; "
+                         f"those in this model: {', '.join(kinds)}")
+    model.requires_grad_(False)
+    layers = {}
+    for name, linear in chosen:
+        layers[name] = layer_cls(linear, **layer_kwargs)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layers[name])
     return layers
 
 
@@ -263,13 +346,16 @@ class RankAllocator:
     """Grows the ranks of TriAdaptLinear layers during training, within a total-rank budget R_target.
 
     Call update_and_allocate(t) once a step, right after optimizer step t (t counts from 1): when a
-    round is due it scores every matrix (importance()) and grows the chosen ones in place. `sync`, if
-    given, maps the dict {name: N(C)} to the dict used (rank 0's values broadcast to every process, so
-    all make the same decision). baselines.py derives IncreLoRA's allocator from this one.
+    round is due it scores every matrix (importance()) and grows the chosen ones in place. A growth past a
+    layer's capacity re-creates its tensors: the allocator puts them in `optimizer`'s place of the old
+    ones (Adam's state zero-padded) and names the layer in `recreated` until the next call, so that a
+    caller who wrapped the model (DDP, torch.compile) wraps it again. `sync`, if given, maps the dict
+    {name: N(C)} to the dict used (rank 0's values broadcast to every process, so all make the same
+    decision). baselines.py derives IncreLoRA's allocator from this one.
     """
 
     def __init__(self, layers, total_steps, target_total_rank=None, schedule="linear", warmup=0,
-                 interval=1, rank_step=None, top_k=1, max_rank=None, sync=None):
+                 interval=1, rank_step=None, top_k=1, max_rank=None, sync=None, optimizer=None):
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
         if not layers:
@@ -281,6 +367,7 @@ class RankAllocator:
         self.target_total_rank = target_total_rank or ref_rank * len(self.layers)  # R_target
         self.rank_step = rank_step or max(1, ref_rank // 2)                        # k
         self.sync = sync or (lambda values: values)
+        self.optimizer, self.recreated = optimizer, []  # recreated: layers whose tensors the last call re-made
         self.caps = {n: min(l.max_rank, max_rank or l.max_rank) for n, l in self.layers.items()}
         if self.total_rank > self.target_total_rank:
             raise ValueError(f"budget R_target = {self.target_total_rank} is below the initial total rank "
@@ -308,6 +395,7 @@ class RankAllocator:
 
     def update_and_allocate(self, t):
         """The one call a step, after optimizer step t. Returns the names that grew."""
+        self.recreated = []
         if not self.due(t):
             return []
         self.scores = self.importance()
@@ -330,18 +418,43 @@ class RankAllocator:
         return grown
 
     def grow(self, t, name, k):
-        self.layers[name].grow(k)
+        layer = self.layers[name]
+        before = dict(layer.named_parameters(recurse=False))
+        layer.grow(k)
         self.events.append((t, name, k))
+        after = dict(layer.named_parameters(recurse=False))
+        if any(after[n] is not p for n, p in before.items()):  # the capacity doubled
+            self.recreated.append(name)
+            if self.optimizer is not None:
+                move_to_new_tensors(self.optimizer, before, after)
 
     def state_dict(self):
         return {"prev": dict(self.prev), "scores": dict(self.scores), "events": list(self.events)}
 
     def load_state_dict(self, state):
         """Replay the recorded growths, then restore the norms. Call on a freshly injected model, before
-        loading the model's state (the replay sets the capacities and masks the state dict must fit)."""
+        loading the model's and the optimizer's state (the replay sets the capacities and masks the state
+        dicts must fit, and puts re-created tensors in the optimizer)."""
         if self.events:
             raise RuntimeError("load_state_dict() needs an allocator that has not grown anything yet")
+        self.recreated = []
         for t, name, k in state["events"]:
             self.grow(t, name, k)
         self.events = [tuple(e) for e in state["events"]]
         self.prev, self.scores = dict(state["prev"]), dict(state["scores"])
+
+
+def move_to_new_tensors(optimizer, old, new):
+    """An adapter's capacity grew: put each re-created tensor of `new` ({name: parameter}) in its `old`
+    one's place in the optimizer (same param group), its state zero-padded into the new shape; a newly
+    active entry starts with zero moments, and the step count stays as it was."""
+    swap = {id(old[n]): p for n, p in new.items() if n in old and old[n] is not p}
+    for group in optimizer.param_groups:
+        group["params"] = [swap.get(id(p), p) for p in group["params"]]
+    for o in [o for o in list(optimizer.state) if id(o) in swap]:
+        state, n = optimizer.state.pop(o), swap[id(o)]
+        for key, v in state.items():
+            if torch.is_tensor(v) and v.shape == o.shape:
+                state[key] = v.new_zeros(n.shape)
+                state[key][tuple(slice(0, size) for size in o.shape)] = v
+        optimizer.state[n] = state

@@ -289,7 +289,7 @@ def test_inject_replaces_only_named_linears_and_freezes_the_rest():
 
 
 def test_inject_unknown_target_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="no nn.Linear named fc1; linears in this model: out_proj, proj, q"):
+    with pytest.raises(ValueError, match="no nn.Linear or Conv1D named fc1; those in this model: out_proj, proj, q"):
         inject(Toy(), ["q", "fc1"])
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-import report
+import adapters
 import triadapt
 from baselines import ADVANCE_EPS, AdaLoRALinear, IncreLoRAAllocator, IncreLoRALinear, LoRALinear
 
@@ -195,7 +195,7 @@ def test_advance_block_trains_ahead_and_goes_live_without_changing_dW():
     layer.drop_advance()
     assert layer.n_trainable == 3 * (8 + 6) + 2 * (1 * 1 + 2 * 3) and layer.advance == 0
     assert torch.count_nonzero(layer.A[3:]) == 0 and torch.count_nonzero(layer.ahead) == 0
-    assert "A_next" not in layer.adapter_entry()
+    assert layer.adapter_entry()["advance"] == 0 and layer.adapter_entry()["A_next"].shape == (0, 8)
     assert_rest_is_zero(layer)
 
 
@@ -244,11 +244,12 @@ def test_adapter_state_round_trips_the_variants():
         with torch.no_grad():
             for name, mask in trainable_masks(layer).items():
                 getattr(layer, name).add_(torch.randn_like(mask) * mask)
-        state = report.adapter_state({"0": layer})
-        assert state["0"]["A"].shape == (3, 8) and ("A_next" in state["0"]) == ("advance" in kw)
+        state = adapters.adapter_state({"0": layer})
+        assert state["0"]["A"].shape == (3, 8) and state["0"]["advance"] == kw.get("advance", 0)
+        assert state["0"]["A_next"].shape == (kw.get("advance", 0), 8) and state["0"]["kind"] == "increlora"
         fresh = nn.Sequential(nn.Linear(8, 8))
         fresh.load_state_dict({"0.weight": layer.base.weight, "0.bias": layer.base.bias})
-        (loaded,) = report.load_adapter(fresh, state, ref_rank=4).values()
+        (loaded,) = adapters.load_adapter(fresh, state).values()
         x = torch.randn(3, 8)
         assert isinstance(loaded, IncreLoRALinear) and torch.equal(loaded(x), layer(x))
         assert loaded.core_kind == layer.core_kind and loaded.block_sizes == layer.block_sizes == [1, 2]
@@ -378,8 +379,8 @@ def test_a_growth_near_the_cap_with_an_advance_block_keeps_the_tensors():
 
 
 def test_an_advance_block_going_live_in_a_capacity_doubling_starts_with_zero_moments():
-    # the optimizer's state is the old tensors' until train.follow_resized moves it into the re-created
-    # ones: the moments must be zeroed there, or the advance block's trained-ahead moments come along
+    # the allocator moves the optimizer's state into the re-created tensors: the moments must be zeroed
+    # there, or the advance block's trained-ahead moments come along
     import train
 
     torch.manual_seed(0)
@@ -394,6 +395,6 @@ def test_an_advance_block_going_live_in_a_capacity_doubling_starts_with_zero_mom
     opt.step()
     assert torch.count_nonzero(opt.state[layer.B]["exp_avg"][:, 1]) > 0  # the advance column trained ahead
     assert allocator.update_and_allocate(1) == ["0"] and layer.capacity == 4  # r = 2 + advance 1 > 2
-    assert train.follow_resized(opt, params, train.trainable(model))  # what train.py does after a doubling
+    assert allocator.recreated == ["0"] and opt.param_groups[0]["params"] == list(train.trainable(model).values())
     for key in ("exp_avg", "exp_avg_sq"):
         assert torch.count_nonzero(opt.state[layer.B][key][:, 1:]) == 0  # as within the capacity
