@@ -14,7 +14,7 @@ the six target names are q_proj, k_proj, v_proj, out_proj, fc_in, fc_out.
 With bidirectional=True the causal mask is dropped and the same blocks form a BERT-style encoder:
 forward() then gives masked-language-model logits (targets of -1 are ignored), and classify()
 mean-pools the final hidden states into n_classes logits. The model knows nothing of adapters:
-triadapt.inject() wraps its linears from outside.
+triadapt.inject() wraps its linears from outside. gpt2.py loads and writes GPT-2 checkpoints.
 """
 import math
 from dataclasses import dataclass
@@ -34,6 +34,8 @@ class GPTConfig:
     dropout: float = 0.0
     bidirectional: bool = False
     n_classes: int = 0         # > 0 adds a classification head on mean-pooled states
+    gelu_approximate: str = "none"  # GPT-2's gelu_new is "tanh"
+    ln_eps: float = 1e-5
 
 
 class SelfAttention(nn.Module):
@@ -64,17 +66,18 @@ class MLP(nn.Module):
         self.fc_in = nn.Linear(config.n_embd, 4 * config.n_embd)
         self.fc_out = nn.Linear(4 * config.n_embd, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
+        self.gelu_approximate = config.gelu_approximate
 
     def forward(self, x):
-        return self.dropout(self.fc_out(F.gelu(self.fc_in(x))))
+        return self.dropout(self.fc_out(F.gelu(self.fc_in(x), approximate=self.gelu_approximate)))
 
 
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.ln_eps)
         self.attn = SelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.ln_eps)
         self.mlp = MLP(config)
 
     def forward(self, x):
@@ -90,7 +93,7 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
-        self.ln_f = nn.LayerNorm(config.n_embd)
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.ln_eps)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying
         self.cls_head = nn.Linear(config.n_embd, config.n_classes) if config.n_classes else None
