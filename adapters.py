@@ -73,8 +73,8 @@ def load_file(path, what="file"):
         raise AdapterFileError(f"{what} {path} does not exist") from None
     except IsADirectoryError:
         raise AdapterFileError(f"{what} {path} is a directory, not a file") from None
-    except pickle.UnpicklingError as e:
-        if "weights only" in str(e).lower() or "weights_only" in str(e):
+    except pickle.UnpicklingError as e:  # torch names the global it would have called
+        if "GLOBAL" in str(e) or "Unsupported class" in str(e):
             raise AdapterFileError(f"{what} {path} is refused: it holds objects that would run code when "
                                    f"loaded (only tensors and plain data are read)") from None
         raise AdapterFileError(f"{what} {path} is truncated or corrupt (UnpicklingError)") from None

@@ -8,6 +8,8 @@ Measure TriAdaptLoRA side by side with its baselines, in one run, on this machin
     python bench.py quality --quick       # a smoke run of the same
     python bench.py quality --task package --methods linear,lora,full   # the small GLUE (also cola, pairs)
     python bench.py gpu                   # the GPU check: short runs on cuda, then speed and memory (< 5 min)
+    python bench.py gpt2                  # one training step at GPT-2 small's size, 3 methods (~2 min on 2 cores)
+    python bench.py gpt2 --device cuda --compile --batch-size 8 --block-size 1024   # bf16, eager and compiled
 
 speed: on the default model shape and a wider one, the median time of one full training step
 (forward, backward, AdamW) for plain LoRA at rank r, TriAdaptLoRA at rank r (one block, and
@@ -15,6 +17,12 @@ grown in blocks 1 + k + ...), a variant that materializes dW = s B C A on every 
 authors' code does), AdaLoRA and IncreLoRA (with their per-step allocator work), and full
 fine-tuning; all on the same batches, interleaved step by step so that machine noise hits every
 method alike. Then the time the allocator's rounds take as a fraction of a fine-tuning run.
+
+gpt2: one training step at GPT-2 small's size (124M parameters; random weights, or --gpt2-folder's),
+by default batch 1 x 256 tokens so that a CPU takes it: plain LoRA at r, TriAdaptLoRA grown to the same
+budget and full fine-tuning, interleaved as speed's; ms/step, tokens/s, model FLOP/s, peak memory (each
+method in a fresh process), aten ops, and the ratios to LoRA against their targets (tri: time <= 1.05,
+memory <= 1.02). On CUDA under bf16 autocast, with MFU against --peak-tflops, and --compile rows.
 
 quality: one shared base model; the methods of METHODS (linear, exponential and topk growth, plain
 LoRA at r_ref and at the rank whose parameter count is closest to the linear run's final count,
@@ -31,9 +39,12 @@ more than twice the larger std).
 """
 import argparse
 import collections
+import concurrent.futures
 import contextlib
+import dataclasses
 import io
 import json
+import multiprocessing
 import os
 import platform
 import shlex
@@ -46,6 +57,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import data
+import gpt2
 import tasks
 import baselines
 import options
@@ -83,10 +95,12 @@ def adamw(params, lr=1e-4):
     return train.make_optimizer(params, lr, weight_decay=0.0)
 
 
-def train_step(model, layers, opt, xy, orth_reg=ORTH_REG):
+def train_step(model, layers, opt, xy, orth_reg=ORTH_REG, dtype=None):
     """One training step as train.py takes it: loss (+ orth_reg * R_orth over the TriAdapt `layers`, if any),
-    backward, gradient clipping to norm 1, AdamW step, zero_grad(set_to_none=True)."""
-    loss = model(xy[:, :-1], xy[:, 1:])[1]
+    backward, gradient clipping to norm 1, AdamW step, zero_grad(set_to_none=True). dtype: the forward
+    under autocast to it (bf16 on CUDA, as train.py), None: float32."""
+    with torch.autocast(xy.device.type, dtype) if dtype else contextlib.nullcontext():
+        loss = model(xy[:, :-1], xy[:, 1:])[1]
     if layers and orth_reg:
         loss = loss + orth_reg * triadapt.orthogonal_penalty(layers)
     loss.backward()
@@ -96,11 +110,12 @@ def train_step(model, layers, opt, xy, orth_reg=ORTH_REG):
     return loss
 
 
-def grow_by_allocator(model, layers, opt, batches, rank_step):
+def grow_by_allocator(model, layers, opt, batches, rank_step, **growth):
     """Train real steps under a RankAllocator (no warmup, a round after every step, linear schedule over
-    10 steps) until the total rank reaches the budget, ref_rank per matrix: the adapters, and the
-    optimizer's groups and state, as training leaves them. Returns the allocator."""
-    alloc = triadapt.RankAllocator(layers, total_steps=10, warmup=0, interval=1, rank_step=rank_step)
+    10 steps, unless `growth` sets other RankAllocator arguments) until the total rank reaches the budget,
+    ref_rank per matrix: the adapters, and the optimizer's groups and state, as training leaves them.
+    Returns the allocator."""
+    alloc = triadapt.RankAllocator(layers, total_steps=10, warmup=0, interval=1, rank_step=rank_step, **growth)
     t = 0
     while alloc.total_rank < alloc.target_total_rank:
         t += 1
@@ -112,7 +127,7 @@ def grow_by_allocator(model, layers, opt, batches, rank_step):
 def make_batches(config, batch_size, device, n=4):
     g = torch.Generator().manual_seed(0)
     shape = (batch_size, config.block_size + 1)
-    return [torch.randint(0, 256, shape, generator=g).to(device) for _ in range(n)]
+    return [torch.randint(0, config.vocab_size, shape, generator=g).to(device) for _ in range(n)]
 
 
 class WithAllocator:
@@ -134,13 +149,14 @@ class WithAllocator:
         self.opt.zero_grad(set_to_none=set_to_none)
 
 
-def make_variant(name, config, rank, rank_step, device, batches):
-    """(model, TriAdapt layers or {}, optimizer) of one method; the grown triangular variants grow from
-    rank 1 through the allocator in real training steps on `batches` (see grow_by_allocator).
+def make_variant(name, config, rank, rank_step, device, batches, base=GPT, **growth):
+    """(model, TriAdapt layers or {}, optimizer) of one method on base(config) (a fresh GPT by default);
+    the grown triangular variants grow from rank 1 through the allocator in real training steps on
+    `batches` (see grow_by_allocator; `growth`: its RankAllocator arguments).
     adalora holds 1.5 rank triplets a matrix and updates its scores every step; increlora (growing) is
     a diagonal core of the full rank that measures its sensitivity every step, as while it grows."""
     torch.manual_seed(0)
-    model = GPT(config).to(device)
+    model = base(config).to(device)
     targets = list(options.TARGETS)
     layers = {}
     if name == "lora":
@@ -163,7 +179,7 @@ def make_variant(name, config, rank, rank_step, device, batches):
                                  ref_rank=rank)
     opt = adamw([p for p in model.parameters() if p.requires_grad])
     if layers and sum(l.rank for l in layers.values()) < rank * len(layers):
-        grow_by_allocator(model, layers, opt, batches, rank_step)
+        grow_by_allocator(model, layers, opt, batches, rank_step, **growth)
     return model, layers, opt
 
 
@@ -187,29 +203,30 @@ def count_ops(step_fn):
     return sum(counter.ops.values())
 
 
-def op_counts(built, xy):
+def op_counts(built, xy, dtype=None):
     """Aten ops per training step of each built variant; TriAdapt variants also without R_orth."""
     counts = {}
     for v, (model, layers, opt) in built.items():
         for orth_reg in ((ORTH_REG, 0.0) if layers else (0.0,)):
             label = v if orth_reg or not layers else f"{v}, no R_orth"
-            train_step(model, layers, opt, xy, orth_reg)  # uncounted: AdamW's state exists from here on
-            counts[label] = count_ops(lambda: train_step(model, layers, opt, xy, orth_reg))
+            train_step(model, layers, opt, xy, orth_reg, dtype)  # uncounted: AdamW's state exists from here on
+            counts[label] = count_ops(lambda: train_step(model, layers, opt, xy, orth_reg, dtype))
     return counts
 
 
-def time_steps(built, batches, steps, device):
-    """Median seconds per training step of each built variant, interleaved on the same batches."""
+def time_steps(built, batches, steps, device, warmup=3, dtype=None):
+    """Median seconds per training step of each built variant, interleaved on the same batches, after
+    `warmup` untimed rounds (they warm up allocators and caches, and compile); dtype: see train_step."""
     times = {v: [] for v in built}
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for i in range(steps + 3):  # the first 3 rounds warm up allocators and caches
+    for i in range(steps + warmup):
         xy = batches[i % len(batches)]
         for v, (model, layers, opt) in built.items():
             sync()
             t0 = time.perf_counter()
-            train_step(model, layers, opt, xy)
+            train_step(model, layers, opt, xy, dtype=dtype)
             sync()
-            if i >= 3:
+            if i >= warmup:
                 times[v].append(time.perf_counter() - t0)
     return {v: statistics.median(ts) for v, ts in times.items()}
 
@@ -408,6 +425,150 @@ def gpu(args):
         print(f"{label:<8} tri/lora: time {times['tri (grown)'] / times['lora']:.3f} (target <= 1.10), "
               f"peak memory {peaks['tri (grown)'] / peaks['lora']:.3f} (target <= 1.05)")
     print(f"\nthe whole check took {time.time() - t_all:.0f} s")
+
+
+# ----------------------------------------------------------------------------- one step at GPT-2 small's size
+
+GPT2_SMALL = dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768, gelu_approximate="tanh",
+                  ln_eps=1e-5)
+GPT2_METHODS = ("lora", "tri (grown)", "full")
+TARGET_TIME, TARGET_MEMORY = 1.05, 1.02  # tri (grown) / lora
+
+
+def gpt2_shape(args):
+    """--gpt2-folder's config, else GPT-2 small's with --n-layer, --n-head, --n-embd, --vocab-size over it."""
+    shape = {k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd", "vocab_size") if getattr(args, k)}
+    if args.gpt2_folder and shape:
+        raise options.UsageError("--gpt2-folder fixes the shape: drop --n-layer, --n-head, --n-embd, --vocab-size")
+    try:
+        config = gpt2.read_config(args.gpt2_folder) if args.gpt2_folder else GPTConfig(**{**GPT2_SMALL, **shape})
+    except gpt2.GPT2Error as e:
+        raise options.UsageError(str(e)) from None
+    if config.n_embd % config.n_head:
+        raise options.UsageError(f"--n-embd {config.n_embd} is not a multiple of --n-head {config.n_head}")
+    if args.block_size > config.block_size:
+        raise options.UsageError(f"--block-size {args.block_size} is past the model's {config.block_size} positions")
+    if not 1 <= args.rank <= config.n_embd:
+        raise options.UsageError(f"--rank {args.rank} is not in [1, n_embd = {config.n_embd}]")
+    return config
+
+
+def gpt2_variant(name, config, args, batches):
+    """make_variant on GPT-2 (random weights, or --gpt2-folder's). tri (grown) starts at rank 1 and the
+    allocator grows every matrix at every round (topk over all of them, each capped at r) in real steps:
+    blocks 1 + k + ... up to r, the same in every matrix, so the trainable count has a closed form."""
+    base = (lambda _: gpt2.from_pretrained(args.gpt2_folder)) if args.gpt2_folder else GPT
+    growth = dict(schedule="topk", top_k=len(options.TARGETS) * config.n_layer, max_rank=args.rank)
+    return make_variant(name, config, args.rank, max(1, args.rank // 2), args.device, batches, base, **growth)
+
+
+def gpt2_batches(config, args):
+    return make_batches(dataclasses.replace(config, block_size=args.block_size), args.batch_size, args.device)
+
+
+def autocast_dtype(device):
+    return torch.bfloat16 if device == "cuda" else None  # CPU: float32 (bf16 there is slow on most CPUs)
+
+
+def cpu_kib(field):
+    """VmRSS (resident now) or VmHWM (its peak since the last reset) of this process, in KiB (Linux /proc)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def step_peak(args, config, name, mode):
+    """Run in a fresh process, so that no other model and no freed-but-kept memory of the parent counts:
+    bytes at the peak of one method's warm-up and timed steps, above what the process held before its model
+    was built (weights, gradients, AdamW state and activations: all that training this method needs).
+    CUDA: max_memory_allocated (tensors only). CPU: the peak resident set, VmHWM, reset once the model is
+    built so that the build's own transients (a checkpoint's read) are not counted; nan without /proc."""
+    cuda = args.device == "cuda"
+    batches = gpt2_batches(config, args)
+    try:
+        before = torch.cuda.memory_allocated() if cuda else 1024 * cpu_kib("VmRSS")
+        model, layers, opt = gpt2_variant(name, config, args, batches)
+        model = torch.compile(model) if mode == "compile" else model
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # Linux: VmHWM := VmRSS
+        for xy in batches[:2 + (mode == "compile")]:
+            train_step(model, layers, opt, xy, dtype=autocast_dtype(args.device))
+        return (torch.cuda.max_memory_allocated() if cuda else 1024 * cpu_kib("VmHWM")) - before
+    except (OSError, StopIteration):  # no /proc: not Linux
+        return float("nan")
+
+
+def in_fresh_process(fn, *fn_args):
+    """fn(*fn_args) in a new spawned interpreter (not a fork: CUDA, and a clean heap); its result or error."""
+    spawn = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
+        return pool.submit(fn, *fn_args).result()
+
+
+def gpt2_bench(args):
+    """One training step of LoRA, TriAdaptLoRA grown to its budget and full fine-tuning at GPT-2 small's
+    size: ms/step, tokens/s, model FLOP/s (and MFU on CUDA), peak memory, aten ops, ratios to LoRA."""
+    config = gpt2_shape(args)
+    B, T, L, C, r = args.batch_size, args.block_size, config.n_layer, config.n_embd, args.rank
+    dtype, modes = autocast_dtype(args.device), ("eager", "compile") if args.compile else ("eager",)
+    batches = gpt2_batches(config, args)
+    built = {v: gpt2_variant(v, config, args, batches) for v in GPT2_METHODS}
+    rows = {(v, mode): (torch.compile(m) if mode == "compile" else m, layers, opt)
+            for mode in modes for v, (m, layers, opt) in built.items()}
+    times = time_steps(rows, batches, args.steps, args.device, warmup=1 + args.compile, dtype=dtype)
+    ops = op_counts({v: built[v] for v in ("lora", "tri (grown)")}, batches[0], dtype)
+    peaks = {row: in_fresh_process(step_peak, args, config, *row) for row in rows}
+
+    full = built["full"][0]
+    N = sum(p.numel() for p in full.parameters()) - full.wpe.weight.numel()  # wte once: it is lm_head too
+    layers = built["tri (grown)"][1]
+    blocks = next(iter(layers.values())).block_sizes  # every matrix holds these (gpt2_variant)
+    dims = sum(l.d_in + l.d_out for l in layers.values())
+    core = 2 * sum(k * hi for k, (_, hi) in zip(blocks, next(iter(layers.values())).blocks()))
+    where = f"GPT-2 weights of {args.gpt2_folder}" if args.gpt2_folder else "random weights"
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu: {machine()}"
+    print(f"device: {device}")
+    print(f"GPT-2 small's shape ({where}): {L} layers, {config.n_head} heads, n_embd {C}, vocab {config.vocab_size}")
+    print(f"one training step, batch {B} x {T} tokens (--block-size; GPT-2's context is {config.block_size}, "
+          f"{T} keeps a CPU step short), {'bf16 autocast' if dtype else 'float32'}:\nloss (+ {ORTH_REG} "
+          f"R_orth for tri), backward, clip_grad_norm_, fused AdamW, zero_grad; median of {args.steps} timed "
+          f"steps after {1 + args.compile} warm-up, interleaved.")
+    print(f"lora: LoRA r = {r} on {','.join(options.TARGETS)}; tri (grown): TriAdaptLinear from rank 1, grown "
+          f"by the allocator in real steps\nto blocks {'+'.join(map(str, blocks))} in each of the {len(layers)} "
+          f"matrices (budget {r} x {len(layers)} = {r * len(layers)}); full: every parameter trains.")
+    print("peak MiB: a fresh process per row, the peak over its warm-up and timed step less what it held before "
+          "building\nthe model, " + ("torch.cuda.max_memory_allocated (tensors only)" if args.device == "cuda" else
+                                   "the resident set (Linux VmHWM, reset after the build)")
+          + ": weights, gradients, AdamW state, activations.")
+    print(f"FLOPs per token: k N + 12 L T C; k = 4 with a frozen base (forward 2N, input gradients 2N; the "
+          f"adapters' own\nFLOPs not counted), 6 for full (+ weight gradients 2N); N = {N:,} = the parameters "
+          f"less the position\nembedding (nanoGPT's get_num_params(): wte once, as the tied lm_head's matmul); "
+          f"12 L T C = attention's QK^T and AV,\nforward 4 L T C and backward 8 L T C in every method (q, k, v "
+          f"need gradients whenever anything below trains),\nat the full T = {T} (nanoGPT's, the causal mask "
+          f"not halved). MFU = FLOPs / (time x --peak-tflops {args.peak_tflops:g} TFLOP/s)"
+          + ("." if args.device == "cuda" else ": CUDA only."))
+    print(f"\n{'method':<12} {'mode':<8} {'ms/step':>9} {'tokens/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak MiB':>9} "
+          f"{'trainable':>12} {'time/lora':>9} {'mem/lora':>9}")
+    for (v, mode), t in times.items():
+        flops = B * T * ((6 if v == "full" else 4) * N + 12 * L * T * C)
+        mfu = f"{flops / t / (args.peak_tflops * 1e12):.1%}" if args.device == "cuda" else "-"
+        print(f"{v:<12} {mode:<8} {t * 1e3:>9.1f} {B * T / t:>9,.0f} {flops / t / 1e12:>8.3f} {mfu:>6} "
+              f"{peaks[v, mode] / 2 ** 20:>9.1f} {triadapt.count_trainable(built[v][0]):>12,} "
+              f"{t / times['lora', mode]:>9.3f} {peaks[v, mode] / peaks['lora', mode]:>9.3f}")
+    for mode in modes:
+        time_ratio = times["tri (grown)", mode] / times["lora", mode]
+        mem_ratio = peaks["tri (grown)", mode] / peaks["lora", mode]
+        print(f"tri (grown) / lora, {mode}: step time {time_ratio:.3f} (target <= {TARGET_TIME}: "
+              f"{'met' if time_ratio <= TARGET_TIME else 'MISSED'}), peak memory {mem_ratio:.3f} (target <= "
+              f"{TARGET_MEMORY}: {'met' if mem_ratio <= TARGET_MEMORY else 'MISSED'})")
+    print(f"aten ops per step (eager, count_ops): lora {ops['lora']:,}, tri (grown) {ops['tri (grown)']:,} "
+          f"({ops['tri (grown)'] / ops['lora']:.2f}x; without R_orth {ops['tri (grown), no R_orth']:,}, "
+          f"{ops['tri (grown), no R_orth'] / ops['lora']:.2f}x)")
+    print(f"tri (grown) trainable, closed form: r sum(d_in + d_out) + sum over matrices of 2 sum_j k_j R_j = "
+          f"{r} x {dims:,} + {len(layers)} x {core} = {r * dims + len(layers) * core:,}")
+    return {"seconds": times, "peak_bytes": peaks, "ops": ops}
 
 
 # ----------------------------------------------------------------------------- quality
@@ -665,14 +826,29 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(
         description="Measure TriAdaptLoRA against plain LoRA, a dW-materializing variant and full fine-tuning.")
-    p.add_argument("what", choices=("speed", "quality", "gpu"),
+    p.add_argument("what", choices=("speed", "quality", "gpu", "gpt2"),
                    help="speed: step times, ops and ratios; quality: losses over seeds; "
-                        "gpu: the GPU check (short runs, then speed and memory)")
+                        "gpu: the GPU check (short runs, then speed and memory); "
+                        "gpt2: one training step at GPT-2 small's size (time, memory, ops, MFU)")
     p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="where to run (default: cpu, cuda for gpu)")
-    p.add_argument("--rank", type=int, default=8, help="speed: the adapters' rank r (TriAdaptLoRA grown to it)")
-    p.add_argument("--batch-size", type=int, default=32, help="speed: sequences per step")
-    p.add_argument("--steps", type=int, default=30,
-                   help="speed, gpu: timed steps per method and shape (speed --steps 0: op counts only)")
+    p.add_argument("--rank", type=int, default=8,
+                   help="speed, gpu, gpt2: the adapters' rank r (TriAdaptLoRA grown to it)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="speed, gpu, gpt2: sequences per step (default 32; gpt2: 1)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="speed, gpu, gpt2: timed steps per method and shape (default 30; gpt2: 3; "
+                        "speed --steps 0: op counts only)")
+    p.add_argument("--block-size", type=int, default=256,
+                   help="gpt2: tokens per sequence (default 256, short for a CPU; GPT-2's context is 1024)")
+    p.add_argument("--gpt2-folder", default=None,
+                   help="gpt2: a GPT-2 folder (config.json, model.safetensors) to load instead of random weights")
+    p.add_argument("--n-layer", type=int, default=None, help="gpt2: layers instead of GPT-2 small's 12")
+    p.add_argument("--n-head", type=int, default=None, help="gpt2: heads instead of GPT-2 small's 12")
+    p.add_argument("--n-embd", type=int, default=None, help="gpt2: width instead of GPT-2 small's 768")
+    p.add_argument("--vocab-size", type=int, default=None, help="gpt2: vocabulary instead of GPT-2's 50257")
+    p.add_argument("--compile", action="store_true", help="gpt2: also time each method under torch.compile")
+    p.add_argument("--peak-tflops", type=float, default=989.0,
+                   help="gpt2: the device's peak TFLOP/s for MFU (default 989: H100 SXM, dense bf16)")
     p.add_argument("--iters", type=int, default=600, help="quality: fine-tuning steps per run")
     p.add_argument("--seeds", type=int, default=3, help="quality: seeds per method")
     p.add_argument("--first-seed", type=int, default=0, help="quality: the first fine-tuning seed")
@@ -722,6 +898,9 @@ def parse_variants(specs):
 
 def run_bench(args):
     args.device = args.device or ("cuda" if args.what == "gpu" else "cpu")
+    gpt2_step = args.what == "gpt2"  # its defaults: one sequence, 3 timed steps (GPT-2 small on a CPU)
+    args.batch_size = (1 if gpt2_step else 32) if args.batch_size is None else args.batch_size
+    args.steps = (3 if gpt2_step else 30) if args.steps is None else args.steps
     args.train_args = args.train_args.split()
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     args.variants = parse_variants(args.variant)
@@ -729,8 +908,9 @@ def run_bench(args):
     bad = [m for m in args.methods if m not in known] or ([] if args.methods else ["(none)"])
     if bad:
         raise options.UsageError(f"unknown method {bad[0]!r} in --methods: choose from {', '.join(known)}")
-    for name in ("rank", "batch_size", "iters", "seeds"):
-        if getattr(args, name) <= 0:
+    for name in ("rank", "batch_size", "iters", "seeds", "block_size", "n_layer", "n_head", "n_embd", "vocab_size",
+                 "peak_tflops") + (("steps",) if gpt2_step else ()):
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
             raise options.UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     for name in ("steps", "first_seed"):  # speed --steps 0: the op counts alone
         if getattr(args, name) < 0:
@@ -742,6 +922,9 @@ def run_bench(args):
         return 0
     if args.what == "gpu":
         gpu(args)
+        return 0
+    if args.what == "gpt2":
+        gpt2_bench(args)
         return 0
     t0 = time.time()
     results = quality(args)

@@ -34,6 +34,7 @@ The pattern is written for Python's `re`, which has no \p{...}:
     not `re`'s \s: that also matches U+001C..U+001F (str.isspace() counts these separators), which
     GPT-2's regex splits as symbols. tests/test_bpe.py checks the whole pattern against `regex`.
 """
+import hashlib
 import json
 import os
 import re
@@ -149,6 +150,11 @@ class BPETokenizer:
     @classmethod
     def from_folder(cls, folder):
         return cls(*read_files(folder))
+
+    def digest(self):
+        """sha256 of the vocabulary and the merges: what a cache of token ids depends on."""
+        text = json.dumps(self.vocab, sort_keys=True) + "\n" + "\n".join(" ".join(m) for m in self.merges)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
     def save(self, folder):
         write_files(folder, self.vocab, self.merges)

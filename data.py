@@ -155,21 +155,31 @@ def split_bounds(n):
     return bounds
 
 
-def build_cache(name, data, source, cache_dir):
-    """Write (or reuse) <cache_dir>/<name>/{train,val,test}.bin; returns {split: uint8 memmap}."""
+def build_cache(name, data, source, cache_dir, tokenizer=None):
+    """Write (or reuse) <cache_dir>/<name>/{train,val,test}.bin; returns {split: memmap}. Bytes are the
+    tokens (uint8); with a tokenizer (GPT-2's BPE, bpe.py) the text's token ids are, as uint16 while the
+    vocabulary fits (uint32 past 65,536), and the cache is tied to that tokenizer's files too."""
     folder = os.path.join(cache_dir, name)
     meta_path = os.path.join(folder, "meta.json")
-    digest = hashlib.sha256(data).hexdigest()
-    meta = {"source": source, "sha256": digest, "tokens": len(data), "vocab_size": 256,
-            "splits": {k: list(v) for k, v in split_bounds(len(data)).items()}}
+    digest = hashlib.sha256(data if tokenizer is None else data + tokenizer.digest().encode()).hexdigest()
     try:
         with open(meta_path) as f:
-            fresh = json.load(f).get("sha256") == digest
+            meta = json.load(f)
+        fresh = meta.get("sha256") == digest
     except (OSError, ValueError):
         fresh = False
     if not fresh:
+        if tokenizer is None:
+            tokens = np.frombuffer(data, dtype=np.uint8)
+        else:
+            dtype = np.uint16 if tokenizer.vocab_size <= 2 ** 16 else np.uint32
+            tokens = np.array(tokenizer.encode(data.decode("utf-8", errors="replace")), dtype=dtype)
+        meta = {"source": source, "sha256": digest, "tokens": len(tokens),
+                "vocab_size": 256 if tokenizer is None else tokenizer.vocab_size,
+                "splits": {k: list(v) for k, v in split_bounds(len(tokens)).items()}}
+        if tokenizer is not None:
+            meta["dtype"] = tokens.dtype.name
         os.makedirs(folder, exist_ok=True)
-        tokens = np.frombuffer(data, dtype=np.uint8)
         for split, (a, b) in meta["splits"].items():
             tmp = os.path.join(folder, f"{split}.bin.tmp")
             tokens[a:b].tofile(tmp)
@@ -178,8 +188,8 @@ def build_cache(name, data, source, cache_dir):
         with open(tmp, "w") as f:
             json.dump(meta, f, indent=1)
         os.replace(tmp, meta_path)  # last: a cache without its meta is rebuilt next time
-    return {split: np.memmap(os.path.join(folder, f"{split}.bin"), dtype=np.uint8, mode="r")
-            for split in SPLITS}
+    dtype = np.dtype(meta.get("dtype", "uint8"))
+    return {split: np.memmap(os.path.join(folder, f"{split}.bin"), dtype=dtype, mode="r") for split in SPLITS}
 
 
 # ----------------------------------------------------------------------------- batches

@@ -17,7 +17,9 @@ import torch
 
 import adapters
 import baselines
+import bpe
 import data
+import gpt2
 import tasks
 import triadapt
 from model import GPT, GPTConfig
@@ -85,7 +87,8 @@ def build_parser():
     p.add_argument("--base-data", default=None,
                    help="pretraining text file (default: the standard library's .py sources)")
     p.add_argument("--init-from", default=None,
-                   help="a base checkpoint to fine-tune instead of pretraining one; "
+                   help="a base checkpoint, or a GPT-2 folder (config.json, model.safetensors, "
+                        "vocab.json, merges.txt), to fine-tune instead of pretraining one; "
                         "the model shape comes from it")
     p.add_argument("--out-dir", default="out",
                    help="where caches, the base model and each run's checkpoint and metrics go")
@@ -268,8 +271,37 @@ def validate(args, explicit=()):
     check_resume(args)
 
 
+def is_gpt2_folder(path):
+    """--init-from FOLDER: a GPT-2 folder (config.json, model.safetensors, vocab.json, merges.txt)."""
+    return path is not None and os.path.isdir(path)
+
+
+def take_shape_from_gpt2(args, explicit):
+    """A GPT-2 folder: its shape, its context (or a smaller --block-size), its BPE; a GPT language model."""
+    try:
+        cfg = gpt2.read_config(args.init_from)
+        bpe.read_files(args.init_from)
+    except (gpt2.GPT2Error, FileNotFoundError, ValueError) as e:
+        raise UsageError(str(e).splitlines()[0]) from None
+    if args.arch != "gpt" or args.task != "lm":
+        raise UsageError(f"--init-from {args.init_from} is a GPT-2 folder: it fine-tunes --arch gpt --task lm")
+    if "block_size" in explicit and args.block_size > cfg.block_size:
+        raise UsageError(f"--block-size {args.block_size} exceeds the context of {args.init_from}, "
+                         f"n_positions {cfg.block_size}")
+    shape = {"n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd}
+    for key, value in shape.items():
+        if key in explicit and getattr(args, key) != value:
+            raise UsageError(f"{flag(key)} {getattr(args, key)} contradicts {args.init_from}, which has "
+                             f"{key} {value} (drop the flag)")
+        setattr(args, key, value)
+    if "block_size" not in explicit:
+        args.block_size = cfg.block_size
+
+
 def take_shape_from_base(args, explicit):
     """--init-from: the model's shape is the base's; a flag that says otherwise is an error."""
+    if is_gpt2_folder(args.init_from):
+        return take_shape_from_gpt2(args, explicit)
     base = load_checkpoint(args.init_from, "base checkpoint")
     if not isinstance(base, dict) or "model" not in base or "config" not in base:
         raise UsageError(f"base checkpoint {args.init_from} holds no model and config")

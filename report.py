@@ -19,7 +19,6 @@ from dataclasses import asdict
 import torch
 
 import adapters
-import data
 import plot
 import tasks
 import tensorfile
@@ -86,11 +85,12 @@ def report(args, run, folder, base_ckpt):
     print(f"picture: {os.path.join(folder, 'report.svg')}")
     if args.task == "lm" and args.arch == "gpt" and args.sample_len:
         gen = torch.Generator(device=args.device_name).manual_seed(args.seed)
-        prompt = torch.tensor([data.encode("The ")], device=args.device_name)
+        tok = tasks.tokenizer(args.init_from)  # GPT-2's BPE for a GPT-2 base, else bytes
+        prompt = torch.tensor([tasks.encode("The ", tok)], device=args.device_name)
         model.eval()
         with tasks.amp(args.device_name, args.dtype):
             out = model.generate(prompt, args.sample_len, temperature=0.8, top_k=50, generator=gen)
-        print("sample:\n" + data.decode(out[0].tolist()))
+        print("sample:\n" + tasks.decode(out[0].tolist(), tok))
     return metrics
 
 
@@ -143,6 +143,8 @@ def human_size(n):
 
 def adapter_line(path, base_path, schedule):
     """One line for the report: the adapter's size next to its base's, and how to use it."""
+    if base_path and os.path.isdir(base_path):  # a GPT-2 folder: its weights' file
+        base_path = os.path.join(base_path, "model.safetensors")
     base = human_size(os.path.getsize(base_path)) if base_path and os.path.exists(base_path) else "unknown"
     what = ", the whole fine-tuned model" if schedule == "full" else ""
     return (f"adapter: {path} {human_size(os.path.getsize(path))}{what} (base {base}); "

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 import adapters
 import data
+import gpt2
 import options
 import report
 import tasks
@@ -92,8 +93,6 @@ def validate(args):
         raise UsageError(f"--export-lora {args.export_lora} is a file, not a folder")
     if args.base and not args.run:
         raise UsageError("--base goes with --run: it is the base the run's adapter goes on")
-    if args.export and os.path.isdir(args.export):
-        raise UsageError(f"--export {args.export} is a folder, not a file")
     if args.text is not None and args.file is not None:
         raise UsageError("give --text or --file, not both")
     for name in ("num_samples", "max_new_tokens", "top_k"):
@@ -130,7 +129,14 @@ def read_adapter(run):
 
 
 def read_plain_checkpoint(path, what):
-    """A base or merged checkpoint: a dict with a state_dict of tensors under "model" and a config."""
+    """A base or merged checkpoint: a dict with a state_dict of tensors under "model" and a config; or a
+    GPT-2 folder (gpt2.py), read as one."""
+    if os.path.isdir(path):
+        try:
+            model = gpt2.from_pretrained(path)
+        except gpt2.GPT2Error as e:
+            raise UsageError(f"{what} {path}: {e}") from None
+        return {"model": model.state_dict(), "config": asdict(model.config)}
     ckpt = load_checkpoint(path, what)
     state = ckpt.get("model") if isinstance(ckpt, dict) else None
     tensors = isinstance(state, dict) and all(map(torch.is_tensor, state.values()))
@@ -211,9 +217,12 @@ def merged_checkpoint(model):
 
 # ----------------------------------------------------------------------------- using the model
 
-def read_input(value, what):
-    """Bytes of --prompt / --text, or of the file after FILE: (and of --file)."""
-    raw = data.read_text_file(value[len("FILE:"):]) if value.startswith("FILE:") else data.encode(value)
+def read_input(value, what, tok=None):
+    """Tokens of --prompt / --text, or of the file after FILE: (and of --file): bytes, or GPT-2's BPE."""
+    if value.startswith("FILE:"):
+        value = data.read_text_file(value[len("FILE:"):])
+        value = value if tok is None else value.decode("utf-8", errors="replace")
+    raw = tasks.encode(value, tok)
     if not raw:
         raise UsageError(f"the {what} is empty")
     return list(raw)
@@ -226,11 +235,11 @@ def check_fits(ids, model, what):
 
 
 @torch.no_grad()
-def generate_samples(model, prompt, num_samples, max_new_tokens, temperature, top_k, seed, device="cpu"):
+def generate_samples(model, prompt, num_samples, max_new_tokens, temperature, top_k, seed, device="cpu", tok=None):
     """num_samples texts continuing the prompt (a list of byte ids), drawn from one seeded generator."""
     gen = torch.Generator(device=device).manual_seed(seed)
     idx = torch.tensor([prompt], device=device)  # (1, T)
-    return [data.decode(model.generate(idx, max_new_tokens, temperature, top_k, generator=gen)[0].tolist())
+    return [tasks.decode(model.generate(idx, max_new_tokens, temperature, top_k, generator=gen)[0].tolist(), tok)
             for _ in range(num_samples)]
 
 
@@ -254,8 +263,14 @@ def run(args):
         model, adapter = load_merged(args.merged), None
         task = read_plain_checkpoint(args.merged, "merged checkpoint").get("task")
     source = args.run or args.merged
+    base = (args.base or adapter["base_path"]) if args.run else args.merged
+    tok = tasks.tokenizer(base)  # GPT-2's BPE when the base is a GPT-2 folder
     if args.export_lora:
-        return export_lora(model, adapter, args.run, args.export_lora)
+        return export_lora(model, adapter, args.run, args.export_lora, gpt2_base=tok is not None)
+    if args.export and tok is not None:
+        return export_gpt2(model, args.run, base, args.export)
+    if args.export and os.path.isdir(args.export):
+        raise UsageError(f"--export {args.export} is a folder, not a file")
     if args.export:
         merged = {**merged_checkpoint(model), "merged_from": args.run, "task": task}
         try:
@@ -293,16 +308,32 @@ def run(args):
                          f"(sample from a --arch gpt run, classify with a --task cola, pairs or package run)")
     if args.text is not None or args.file is not None:
         raise UsageError(f"{source} is a language model: give --prompt, not --text or --file")
-    prompt = read_input(args.prompt, "prompt")
+    prompt = read_input(args.prompt, "prompt", tok)
     check_fits(prompt, model, "prompt")
     for text in generate_samples(model, prompt, args.num_samples, args.max_new_tokens, args.temperature,
-                                 args.top_k, args.seed, args.device_name):
+                                 args.top_k, args.seed, args.device_name, tok):
         print(text)
         print("---------------")
 
 
-def export_lora(model, adapter, run_folder, folder):
-    """The run's adapters as PEFT's LoRA: lora_B @ lora_A = dW for every module, scale 1."""
+def export_gpt2(model, run_folder, base_folder, folder):
+    """A run on a GPT-2 folder, merged, as a GPT-2 folder: c_attn fused, Conv1D weights (in, out), its BPE."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UsageError(f"--export {folder} is a file: a GPT-2 base exports to a folder")
+    merged = merged_checkpoint(model)
+    try:
+        gpt2.write_folder(folder, merged["model"], model.config, tokenizer_from=base_folder)
+    except gpt2.GPT2Error as e:
+        raise UsageError(f"--export {folder}: {e}") from None
+    except OSError as e:
+        raise UsageError(f"--export {folder} cannot be written: {e.strerror or e}") from None
+    print(f"merged {run_folder} into the GPT-2 folder {folder} (config.json, model.safetensors, vocab.json, "
+          f"merges.txt); transformers' GPT2LMHeadModel.from_pretrained loads it")
+
+
+def export_lora(model, adapter, run_folder, folder, gpt2_base=False):
+    """The run's adapters as PEFT's LoRA: lora_B @ lora_A = dW for every module, scale 1. On a GPT-2 base,
+    for transformers' GPT2LMHeadModel: its module names, q, k, v stacked into c_attn, fan_in_fan_out."""
     if adapter["schedule"] == "full":
         raise UsageError(f"{run_folder} is a full fine-tune: it has no LoRA form (use --export for the merged model)")
     if adapter["cls_head"] is not None:
@@ -311,8 +342,10 @@ def export_lora(model, adapter, run_folder, folder):
     fold = adapters.lora_fold(adapters.adapter_layers(model))
     if not fold:
         raise UsageError(f"every adapter of {run_folder} has rank 0: there is no LoRA to export")
+    if gpt2_base:
+        fold = gpt2.lora_to_gpt2(fold)
     try:
-        config = adapters.peft_config(fold)
+        config = adapters.peft_config(fold, fan_in_fan_out=gpt2_base)
         report.write_peft_lora(folder, config, adapters.peft_tensors(fold))
     except OSError as e:
         raise UsageError(f"--export-lora {folder} cannot be written: {e.strerror or e}") from None

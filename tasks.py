@@ -49,10 +49,24 @@ import warnings
 import numpy as np
 import torch
 
+import bpe
 import data
 
 
 # ----------------------------------------------------------------------------- what a run trains on
+
+def tokenizer(init_from):
+    """GPT-2's BPE when the base is a GPT-2 folder (bpe.py), else None: the tokens are bytes."""
+    return bpe.BPETokenizer.from_folder(init_from) if init_from and os.path.isdir(init_from) else None
+
+
+def encode(text, tok=None):
+    return data.encode(text) if tok is None else tok.encode(text)
+
+
+def decode(ids, tok=None):
+    return data.decode(ids) if tok is None else tok.decode([int(i) for i in ids])
+
 
 def read_corpora(args):
     """What a run trains on, read and checked before anything is written: (base, fine-tuning), where

@@ -51,6 +51,7 @@ from tqdm import tqdm
 import adapters
 import baselines
 import data
+import gpt2
 import tasks
 import options
 import plot
@@ -442,16 +443,20 @@ def save(run, args, t0, procs):
 # ----------------------------------------------------------------------------- data and pretraining
 
 def cache_corpora(args, procs, base, finetune):
-    """Rank 0 writes the caches while the others wait; then everyone opens them."""
-    cache = os.path.join(args.out_dir, "data")
+    """Rank 0 writes the caches while the others wait; then everyone opens them. A GPT-2 base's text is
+    cached as its BPE's token ids."""
+    cache, tokenizer = os.path.join(args.out_dir, "data"), tasks.tokenizer(args.init_from)
     for turn in ("master", "others"):
         if procs.master == (turn == "master"):
             base_splits = data.build_cache(base[2], base[0], base[1], cache)
             if args.task in tasks.GLUE_TASKS:
                 ft_splits = finetune
             else:
-                ft_splits = data.build_cache(finetune[2], finetune[0], finetune[1], cache)
+                name = finetune[2] + ("-bpe" if tokenizer is not None else "")
+                ft_splits = data.build_cache(name, finetune[0], finetune[1], cache, tokenizer)
         procs.barrier()
+    if tokenizer is not None:  # the text's bytes were checked against the block; its tokens are fewer
+        data.check_length(np.concatenate(list(ft_splits.values())), args.block_size, f"{finetune[1]} in tokens")
     return base_splits, ft_splits, hashlib.sha256(base[0]).hexdigest()
 
 
@@ -461,13 +466,25 @@ def model_config(args):
                      bidirectional=args.arch == "encoder")
 
 
+GPT2_FIELDS = {"gelu_approximate": GPTConfig.gelu_approximate, "ln_eps": GPTConfig.ln_eps}
+
+
 def pretrain(args, procs, base_splits, digest):
     """Train the base model from scratch (continuing an interrupted pretraining of the same settings),
     or load the one saved for these settings; returns its checkpoint, with its file's path as "path"."""
+    if options.is_gpt2_folder(args.init_from):  # a GPT-2 folder: its weights, read from safetensors
+        try:
+            model = gpt2.from_pretrained(args.init_from)
+        except gpt2.GPT2Error as e:
+            raise UsageError(str(e)) from None
+        return {"model": model.state_dict(), "config": asdict(model.config), "path": args.init_from}
     if args.init_from:
         return {**load_checkpoint(args.init_from, "base checkpoint"), "path": args.init_from}
     config = model_config(args)
-    key = json.dumps({"config": asdict(config), "data": digest, "iters": args.pretrain_iters, "lr": args.pretrain_lr,
+    # GPT-2's options (gelu_approximate, ln_eps) at their defaults stay out of the key: the bases cached
+    # before they existed are found again
+    fields = {k: v for k, v in asdict(config).items() if k not in GPT2_FIELDS or v != GPT2_FIELDS[k]}
+    key = json.dumps({"config": fields, "data": digest, "iters": args.pretrain_iters, "lr": args.pretrain_lr,
                       "batch": args.batch_size, "seed": args.seed}, sort_keys=True)
     path = os.path.join(args.out_dir, "base", hashlib.sha256(key.encode()).hexdigest()[:12] + ".pt")
     if os.path.exists(path):

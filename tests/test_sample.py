@@ -109,6 +109,29 @@ def test_adapter_reproduces_the_fine_tuned_model_exactly(lm, cls, name):
     assert (adapter["cls_head"] is not None) == (name == "package-linear")
 
 
+@pytest.mark.parametrize("name", ["linear", "lora", "adalora", "increlora"])
+def test_export_lora_writes_peft_files_whose_product_is_each_delta_weight(lm, name, tmp_path):
+    import json
+
+    import adapters
+    import tensorfile
+
+    code, out, err = call("--run", lm[0] / name, "--export-lora", tmp_path / "lora")
+    assert code == 0 and f"LoRA modules of {lm[0] / name}" in out, err
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    tensors, metadata = tensorfile.read(tmp_path / "lora" / "adapter_model.safetensors")
+    model, _ = sample.load_run(str(lm[0] / name))
+    layers = {n: l for n, l in adapters.adapter_layers(model).items() if l.lora_factors()[0].shape[0]}
+    assert config["peft_type"] == "LORA" and metadata == {"format": "pt"} and config["fan_in_fan_out"] is False
+    assert config["target_modules"] == sorted(layers) and len(tensors) == 2 * len(layers)
+    assert config["rank_pattern"] == config["alpha_pattern"] and config["r"] == max(config["rank_pattern"].values())
+    for module, layer in layers.items():
+        A = tensors[f"base_model.model.{module}.lora_A.weight"]  # (r, d_in)
+        B = tensors[f"base_model.model.{module}.lora_B.weight"]  # (d_out, r)
+        assert A.dtype == B.dtype == torch.float32 and A.shape[0] == config["rank_pattern"][module]
+        assert torch.allclose(B @ A, layer.delta_weight(), atol=1e-6, rtol=1e-5), module
+
+
 def test_the_report_prints_the_adapter_size_next_to_the_base(lm):
     lines = [line for line in lm[1].splitlines() if line.startswith("adapter: ")]
     pattern = r"adapter\.pt [\d.]+ KB.* \(base [\d.]+ KB\); use it with: python sample\.py --run "
@@ -246,6 +269,14 @@ BAD = [  # (what, argv from (lm, cls, tmp_path), a part of the message)
     ("neither run nor merged", lambda lm, cls, t: [], "give one of --run"),
     ("export of a merged file", lambda lm, cls, t: ["--merged", t / "m.pt", "--export", t / "x.pt"],
      "--export needs --run"),
+    ("lora export of a full run", lambda lm, cls, t: ["--run", lm[0] / "full", "--export-lora", t / "l"],
+     "has no LoRA form"),
+    ("lora export of a classifier", lambda lm, cls, t: ["--run", cls / "package-linear", "--export-lora", t / "l"],
+     "has no place in a LoRA file"),
+    ("lora export to a file", lambda lm, cls, t: [*linear(lm), "--export-lora", lm[0] / "linear" / "adapter.pt"],
+     "is a file, not a folder"),
+    ("first-format adapter", lambda lm, cls, t: ["--run", moved_run(lm, t, lambda a: a.update(format="triadapt-adapter-1"))],
+     "of the first format (triadapt-adapter-1)"),
 ]
 
 
