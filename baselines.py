@@ -65,7 +65,7 @@ its frozen entry a buffer `ahead` added to the scaled core.
 Usage, with `layers = triadapt.inject(model, targets, layer_cls=IncreLoRALinear, core="diagonal", advance=4)`:
 
     allocator = IncreLoRAAllocator(layers, total_steps=T, schedule="topk", importance="sensitivity",
-                                   block_warmup=10, optimizer=opt)   # opt: to reset new blocks' moments
+                                   block_warmup=10, optimizer=opt)   # opt: kept right, new blocks' moments reset
     ...  # then the loop of triadapt.RankAllocator: update_and_allocate(t) after every optimizer step
 
 `python -m pytest tests/test_baselines.py tests/test_variants.py` checks the math against hand values.
@@ -75,6 +75,7 @@ import math
 import torch
 import torch.nn as nn
 
+import bases
 import triadapt
 
 # ----------------------------------------------------------------------------- LoRA
@@ -85,10 +86,10 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base, rank=8, alpha=16.0, init_std=0.02, fan_in_fan_out=None):
         super().__init__()
-        self.d_out, self.d_in, self.fan_in_fan_out = triadapt.base_shape(base, fan_in_fan_out)
+        self.d_out, self.d_in, self.fan_in_fan_out = bases.base_shape(base, fan_in_fan_out)
         self.base = base.requires_grad_(False)
         self.alpha, self.scale, self.rank, self.merged = alpha, alpha / rank, rank, False
-        kw = dict(device=base.weight.device, dtype=triadapt.adapter_dtype(base.weight))
+        kw = dict(device=base.weight.device, dtype=bases.adapter_dtype(base.weight))
         self.A = nn.Parameter(torch.randn(rank, self.d_in, **kw) * init_std)  # (r, d_in)
         self.B = nn.Parameter(torch.zeros(self.d_out, rank, **kw))            # (d_out, r)
 
@@ -102,10 +103,10 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         y = self.base(x)
-        return y if self.merged else y + triadapt.adapter_out(x, self.A, self.scale * self.B, y.dtype)
+        return y if self.merged else y + bases.adapter_out(x, self.A, self.scale * self.B, y.dtype)
 
-    merge = lambda self: triadapt.merge_into_base(self, 1)
-    unmerge = lambda self: triadapt.merge_into_base(self, -1)
+    merge = lambda self: bases.merge_into_base(self, 1)
+    unmerge = lambda self: bases.merge_into_base(self, -1)
 
     def lora_factors(self):
         """(lora_A, lora_B) = (A, s B): their product is delta_weight()."""
@@ -142,7 +143,7 @@ class AdaLoRALinear(nn.Module):
 
     def __init__(self, base, rank, alpha=16.0, ref_rank=8, init_std=0.02, fan_in_fan_out=None):
         super().__init__()
-        d_out, d_in, self.fan_in_fan_out = triadapt.base_shape(base, fan_in_fan_out)
+        d_out, d_in, self.fan_in_fan_out = bases.base_shape(base, fan_in_fan_out)
         if rank < 1 or rank > min(d_in, d_out):
             raise ValueError(f"rank must be in [1, {min(d_in, d_out)}], got {rank}")
         self.base = base.requires_grad_(False)
@@ -150,7 +151,7 @@ class AdaLoRALinear(nn.Module):
         self.ref_rank = ref_rank
         self.init_std = init_std
         w = base.weight
-        kw = dict(device=w.device, dtype=triadapt.adapter_dtype(w))
+        kw = dict(device=w.device, dtype=bases.adapter_dtype(w))
         self.A = nn.Parameter(torch.randn(rank, d_in, **kw) * init_std)   # (r, d_in)
         self.B = nn.Parameter(torch.randn(d_out, rank, **kw) * init_std)  # (d_out, r)
         self.E = nn.Parameter(torch.zeros(rank, **kw))                    # (r,)
@@ -193,12 +194,12 @@ class AdaLoRALinear(nn.Module):
         y = self.base(x)
         if self.merged:
             return y
-        h = (triadapt.to_adapter_dtype(x, self.A) @ self.A.t()) * self.E    # (..., r)
+        h = (bases.to_adapter_dtype(x, self.A) @ self.A.t()) * self.E    # (..., r)
         out = h @ (self.scale * self.B).t()                                  # (..., d_out), s on the small factor
         return y + (out if out.dtype == y.dtype else out.to(y.dtype))
 
-    merge = lambda self: triadapt.merge_into_base(self, 1)
-    unmerge = lambda self: triadapt.merge_into_base(self, -1)
+    merge = lambda self: bases.merge_into_base(self, 1)
+    unmerge = lambda self: bases.merge_into_base(self, -1)
 
     def lora_factors(self):
         """(lora_A, lora_B) = (A, s B E) on the live triplets: their product is delta_weight()."""
@@ -484,7 +485,7 @@ class IncreLoRALinear(triadapt.TriAdaptLinear):
     def adapter_entry(self):
         """TriAdaptLinear's entry, with the core's kind and the advance block (A_next, B_next: k rows)."""
         r, a = self.rank, self.advance
-        return {**super().adapter_entry(), "kind": self.KIND, "core": self.core_kind, "advance": a,
+        return {**super().adapter_entry(), "core": self.core_kind, "advance": a,
                 "A_next": self.A[r:r + a], "B_next": self.B[:, r:r + a]}
 
     @classmethod

@@ -26,7 +26,7 @@ past r are zero and get no gradient. A growth writes in place and opens the mask
 and a compiled step see the same tensors. The capacity starts at 2 r_ref and doubles, up to
 min(d_in, d_out), when a growth would pass it: the one event that re-creates the tensors (at most
 ceil(log2(cap / c_0)) a run). The allocator then puts the new tensors in the optimizer, in the old ones'
-place, Adam's moments zero-padded (move_to_new_tensors), and lists the layer in `allocator.recreated`: a
+place, Adam's moments zero-padded (bases.py), and lists the layer in `allocator.recreated`: a
 caller that wrapped the model (DDP, torch.compile) wraps it again then, and only then.
 
     layers = inject(model, ["q_proj", "v_proj"], rank=1, ref_rank=8)          # {name: TriAdaptLinear}
@@ -38,9 +38,9 @@ caller that wrapped the model (DDP, torch.compile) wraps it again then, and only
         allocator.update_and_allocate(t)  # may grow ranks, in place; keeps `opt` right through a doubling
         opt.zero_grad()
 
-Any model: a base is an nn.Linear (weight (d_out, d_in)) or a Conv1D-style layer with weight (d_in, d_out)
-(fan_in_fan_out, detected from GPT-2's `nf` attribute); on a float16/bfloat16 base the adapter's tensors
-are float32 (as PEFT's), its output is cast to the base's dtype. The LoRA fold (lora_factors()):
+Any model (bases.py): a base is an nn.Linear (weight (d_out, d_in)) or a Conv1D-style layer with weight
+(d_in, d_out) (fan_in_fan_out, detected from GPT-2's `nf` attribute); on a float16/bfloat16 base the
+adapter's tensors are float32 (as PEFT's), its output is cast to the base's dtype. The LoRA fold (lora_factors()):
 dW = s B C A = lora_B @ lora_A with lora_B = B (d_out, r), lora_A = (s C) A (r, d_in), the product as
 delta_weight() takes it.
 python -m pytest -q tests -m "not slow" checks the math (tests/test_oracle.py: a literal slow version).
@@ -51,36 +51,18 @@ import math
 import torch
 import torch.nn as nn
 
+import bases
+
 SCHEDULES = ("linear", "exponential", "topk")
-
-
-KIND = "triadapt"  # the "kind" of this layer's adapter entries (adapters.py: the registry of kinds)
-
-
-def base_shape(base, fan_in_fan_out=None):
-    """(d_out, d_in, fan_in_fan_out) of a layer to adapt: an nn.Linear stores W (d_out, d_in), a Conv1D
-    (GPT-2's, recognized by its `nf`) stores W^T (d_in, d_out) and computes x @ W + b."""
-    weight = getattr(base, "weight", None)
-    if not (torch.is_tensor(weight) and weight.dim() == 2):
-        raise ValueError(f"cannot adapt a {type(base).__name__}: it has no 2-D weight")
-    if fan_in_fan_out is None:
-        fan_in_fan_out = not isinstance(base, nn.Linear) and hasattr(base, "nf")
-    d_out, d_in = weight.shape[::-1] if fan_in_fan_out else weight.shape
-    return d_out, d_in, fan_in_fan_out
-
-
-def adapter_dtype(weight):
-    """float32 on a half-precision base (PEFT's choice): near 1.0 bf16's spacing is 2^-7, so AdamW's small
-    updates to the core's diagonal would round away."""
-    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
 
 
 class TriAdaptLinear(nn.Module):
     """A frozen nn.Linear (or Conv1D) plus the triangular adapter s * B @ (L + U) @ A, at a fixed capacity."""
+    KIND = "triadapt"  # the "kind" of its adapter entries (adapters.py: the registry of kinds)
 
     def __init__(self, base, rank=1, alpha=16.0, ref_rank=8, init_std=0.02, fan_in_fan_out=None):
         super().__init__()
-        self.d_out, self.d_in, self.fan_in_fan_out = base_shape(base, fan_in_fan_out)
+        self.d_out, self.d_in, self.fan_in_fan_out = bases.base_shape(base, fan_in_fan_out)
         self.max_rank = min(self.d_in, self.d_out)
         if not 1 <= rank <= self.max_rank:
             raise ValueError(f"rank must be in [1, {self.max_rank}], got {rank}")
@@ -93,7 +75,7 @@ class TriAdaptLinear(nn.Module):
     def _allocate(self, c):
         """Zero factors and masks at capacity c: what a layer of rank 0 holds."""
         w = self.base.weight
-        kw = dict(device=w.device, dtype=adapter_dtype(w))
+        kw = dict(device=w.device, dtype=bases.adapter_dtype(w))
         self.A = nn.Parameter(torch.zeros(c, self.d_in, **kw))   # (c, d_in), rows past r are 0
         self.B = nn.Parameter(torch.zeros(self.d_out, c, **kw))  # (d_out, c), columns past r are 0
         self.L = nn.Parameter(torch.zeros(c, c, **kw))           # (c, c), row block j is P_j, 0 elsewhere
@@ -137,7 +119,7 @@ class TriAdaptLinear(nn.Module):
             return y
         # s C A costs c^2 d_in once a call, where h C^T would cost c^2 per token, forward and backward
         CA = self.scaled_core() @ self.A   # (c, d_in), rows past r are 0
-        return y + adapter_out(x, CA, self.B, y.dtype)  # (..., d_out)
+        return y + bases.adapter_out(x, CA, self.B, y.dtype)  # (..., d_out)
 
     @torch.no_grad()
     def grow(self, k):
@@ -175,8 +157,8 @@ class TriAdaptLinear(nn.Module):
         for name, t in itertools.chain(self.named_parameters(recurse=False), self.named_buffers(recurse=False)):
             t[tuple(slice(0, size) for size in old[name].shape)] = old[name]
 
-    merge = lambda self: merge_into_base(self, 1)     # W <- W + dW: forward() then skips the adapter
-    unmerge = lambda self: merge_into_base(self, -1)  # W <- W - dW
+    merge = lambda self: bases.merge_into_base(self, 1)     # W <- W + dW: forward() then skips the adapter
+    unmerge = lambda self: bases.merge_into_base(self, -1)  # W <- W - dW
 
     def lora_factors(self):
         """(lora_A (r, d_in), lora_B (d_out, r)) with lora_B @ lora_A = dW: s C A and B on the active rank."""
@@ -187,7 +169,7 @@ class TriAdaptLinear(nn.Module):
         """The kind, the settings and the active entries only (no capacity padding): adapters.py saves it,
         from_entry() rebuilds the layer from it."""
         r = self.rank
-        return {"kind": KIND, "alpha": self.alpha, "ref_rank": self.ref_rank, "fan_in_fan_out": self.fan_in_fan_out,
+        return {"kind": self.KIND, "alpha": self.alpha, "ref_rank": self.ref_rank, "fan_in_fan_out": self.fan_in_fan_out,
                 "block_sizes": list(self.block_sizes), "A": self.A[:r], "B": self.B[:, :r],
                 "L": self.L[:r, :r], "U": self.U[:r, :r]}
 
@@ -214,28 +196,6 @@ class TriAdaptLinear(nn.Module):
     def extra_repr(self):
         return (f"d_in={self.d_in}, d_out={self.d_out}, blocks={self.block_sizes}, capacity={self.capacity}, "
                 f"s={self.scale:g}")
-
-
-def to_adapter_dtype(x, A):
-    """x in the adapter's dtype (float32 on a half-precision base); under autocast the matmul picks its
-    own dtype, and a cast here would only add an op."""
-    return x if x.dtype == A.dtype or torch.is_autocast_enabled(x.device.type) else x.to(A.dtype)
-
-
-def adapter_out(x, CA, B, dtype):
-    """(x (CA)^T) B^T in the adapter's dtype, returned in `dtype` (the base's output's)."""
-    out = (to_adapter_dtype(x, CA) @ CA.t()) @ B.t()  # (..., d_out)
-    return out if out.dtype == dtype else out.to(dtype)
-
-
-@torch.no_grad()
-def merge_into_base(layer, sign):
-    """W <- W + sign dW (W^T for a Conv1D base) for any adapter layer with delta_weight() and `merged`."""
-    if layer.merged != (sign > 0):
-        dW = layer.delta_weight()  # (d_out, d_in)
-        weight = layer.base.weight
-        weight += sign * (dW.t() if layer.fan_in_fan_out else dW).to(weight.dtype)
-        layer.merged = sign > 0
 
 
 def normalized_frobenius(C):
@@ -294,29 +254,15 @@ def orthogonal_penalty(layers):
     return sum(parts) / (2 * len(layers))
 
 
-def adaptable(module):
-    """An nn.Linear, or a Conv1D-style layer (a 2-D weight and GPT-2's `nf`, its output width)."""
-    weight = getattr(module, "weight", None)
-    return isinstance(module, nn.Linear) or (hasattr(module, "nf") and torch.is_tensor(weight) and weight.dim() == 2)
-
-
-def reads_weight_directly(model, name):
-    """nn.MultiheadAttention hands out_proj.weight to a fused kernel and never calls out_proj(x): an adapter
-    there would be skipped (or fail), so inject() refuses it."""
-    parent, _, child = name.rpartition(".")
-    owner = model.get_submodule(parent) if parent else model
-    return isinstance(owner, nn.MultiheadAttention) and child == "out_proj"
-
-
 def inject(model, targets, layer_cls=TriAdaptLinear, **layer_kwargs):
     """Freeze `model` and wrap, in place, every nn.Linear or Conv1D whose qualified name ends with a target.
 
     A target matches whole name components: "proj" matches "mlp.proj", not "attn.out_proj".
     Returns {qualified name: adapter layer} in the model's module order.
     """
-    candidates = [(n, m) for n, m in model.named_modules() if adaptable(m)]
+    candidates = [(n, m) for n, m in model.named_modules() if bases.adaptable(m)]
     chosen = [(n, m) for n, m in candidates if any(n == t or n.endswith("." + t) for t in targets)]
-    refused = [n for n, _ in chosen if reads_weight_directly(model, n)]
+    refused = [n for n, _ in chosen if bases.reads_weight_directly(model, n)]
     if refused:
         raise ValueError(f"{refused[0]} cannot be adapted: its parent nn.MultiheadAttention reads its weight "
                          f"directly instead of calling it")
@@ -426,7 +372,7 @@ class RankAllocator:
         if any(after[n] is not p for n, p in before.items()):  # the capacity doubled
             self.recreated.append(name)
             if self.optimizer is not None:
-                move_to_new_tensors(self.optimizer, before, after)
+                bases.move_to_new_tensors(self.optimizer, before, after)
 
     def state_dict(self):
         return {"prev": dict(self.prev), "scores": dict(self.scores), "events": list(self.events)}
@@ -442,19 +388,3 @@ class RankAllocator:
             self.grow(t, name, k)
         self.events = [tuple(e) for e in state["events"]]
         self.prev, self.scores = dict(state["prev"]), dict(state["scores"])
-
-
-def move_to_new_tensors(optimizer, old, new):
-    """An adapter's capacity grew: put each re-created tensor of `new` ({name: parameter}) in its `old`
-    one's place in the optimizer (same param group), its state zero-padded into the new shape; a newly
-    active entry starts with zero moments, and the step count stays as it was."""
-    swap = {id(old[n]): p for n, p in new.items() if n in old and old[n] is not p}
-    for group in optimizer.param_groups:
-        group["params"] = [swap.get(id(p), p) for p in group["params"]]
-    for o in [o for o in list(optimizer.state) if id(o) in swap]:
-        state, n = optimizer.state.pop(o), swap[id(o)]
-        for key, v in state.items():
-            if torch.is_tensor(v) and v.shape == o.shape:
-                state[key] = v.new_zeros(n.shape)
-                state[key][tuple(slice(0, size) for size in o.shape)] = v
-        optimizer.state[n] = state

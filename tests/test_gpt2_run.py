@@ -31,13 +31,16 @@ def gpt2_run(tmp_path_factory):
     text = " ".join(f"the {w} in another water on the {i}" for i in range(600) for w in ("cat", "heron"))
     (tmp / "text.txt").write_text(text)
     out = tmp / "out"
-    argv = ["--init-from", folder, "--data", tmp / "text.txt", "--schedule", "linear", "--iters", "20",
-            "--warmup", "5", "--interval", "5", "--eval-interval", "20", "--eval-iters", "2", "--ref-rank", "4",
-            "--rank-step", "2", "--lr-warmup", "5", "--batch-size", "4", "--sample-len", "5", "--out-dir", out]
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        assert train.main([str(a) for a in argv]) == 0
+        assert train.main([str(a) for a in run_argv(folder, tmp / "text.txt", out)]) == 0
     return folder, out, printed.getvalue()
+
+
+def run_argv(folder, text, out):
+    return ["--init-from", folder, "--data", text, "--schedule", "linear", "--iters", "20", "--warmup", "5",
+            "--interval", "5", "--eval-interval", "20", "--eval-iters", "2", "--ref-rank", "4", "--rank-step", "2",
+            "--lr-warmup", "5", "--batch-size", "4", "--sample-len", "5", "--out-dir", out]
 
 
 def call(*argv):
@@ -98,3 +101,43 @@ def test_export_lora_stacks_q_k_v_into_c_attn(gpt2_run, tmp_path):
         assert A.shape == (ranks, 16) and B.shape == (48, ranks)
         assert config["rank_pattern"][f"transformer.h.{i}.attn.c_attn"] == ranks
         assert torch.allclose(B @ A, fused, atol=1e-6)
+
+
+def folder_without(tmp_path, name):
+    vocab = bpe.byte_level_vocab(MERGES)
+    make_gpt2_folder(tmp_path / "g", vocab_size=len(vocab), n_positions=16)
+    bpe.write_files(tmp_path / "g", vocab, MERGES)
+    if name:
+        (tmp_path / "g" / name).unlink()
+    return tmp_path / "g"
+
+
+@pytest.mark.parametrize("missing, extra, message", [
+    ("vocab.json", [], "vocab.json"),
+    ("config.json", [], "config.json"),
+    (None, ["--block-size", "64"], "--block-size 64 exceeds the context"),
+    (None, ["--n-layer", "3"], "--n-layer 3 contradicts"),
+    (None, ["--arch", "encoder"], "it fine-tunes --arch gpt --task lm"),
+    ("model.safetensors", [], "model.safetensors"),
+])
+def test_a_bad_gpt2_folder_is_one_line_and_exit_2(tmp_path, capsys, missing, extra, message):
+    folder = folder_without(tmp_path, missing)
+    code = train.main([str(a) for a in ["--init-from", folder, "--out-dir", tmp_path / "out", "--iters", "4",
+                                         "--warmup", "1", *extra]])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_a_stopped_gpt2_run_resumes_to_the_same_adapter(gpt2_run, tmp_path):
+    folder, out, _ = gpt2_run
+    argv = [str(a) for a in run_argv(folder, out.parent / "text.txt", tmp_path / "out")]
+    with contextlib.redirect_stdout(io.StringIO()):
+        with pytest.raises(SystemExit) as stopped:  # --stop-after ends the process, as an interrupt would
+            train.main(argv + ["--stop-after", "12"])
+        assert stopped.value.code == 0
+        assert train.main(argv + ["--resume"]) == 0
+    a = adapters.load_file(out / "linear" / "adapter.pt")["layers"]
+    b = adapters.load_file(tmp_path / "out" / "linear" / "adapter.pt")["layers"]
+    for name in a:
+        for key in ("A", "B", "L", "U"):
+            assert torch.equal(a[name][key], b[name][key]), (name, key)
