@@ -111,3 +111,33 @@ def test_the_glue_table_averages_the_suite_and_says_where_each_task_stands(tmp_p
     assert lines[2].split()[-1] == "60.0"
     assert lines[5].endswith(": in the suite, but misses one now")
     assert lines[6].endswith(": meets both now, outside the suite")
+
+
+@pytest.mark.slow
+def test_gpt2_step_table_has_each_method_its_ratios_and_the_closed_form_count(capsys):
+    # GPT-2's layout at a tiny shape: 1 layer, C = 32; six matrices, each adapted at r = 8
+    assert bench.main(["gpt2", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--vocab-size", "300",
+                       "--block-size", "16", "--steps", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line.split() for line in lines if line.startswith("method "))
+    assert header == ["method", "mode", "ms/step", "tokens/s", "TFLOP/s", "MFU", "peak", "MiB", "trainable",
+                      "time/lora", "mem/lora"]
+    rows = {}
+    for line in lines:
+        for method in ("lora", "tri (grown)", "full"):
+            if line.startswith(method + " ") and line.split()[len(method.split())] == "eager":
+                rows[method] = line[len(method):].split()[1:]  # ms/step ... mem/lora
+    assert list(rows) == ["lora", "tri (grown)", "full"]
+    assert rows["lora"][-2:] == ["1.000", "1.000"] and all(len(r) == 8 for r in rows.values())
+    C, r = 32, 8
+    dims = 4 * (C + C) + (C + 4 * C) + (4 * C + C)  # sum of d_in + d_out: q, k, v, out_proj, fc_in, fc_out
+    # blocks 1 + 4 + 3 in every matrix: 2 sum_j k_j R_j = 2 (1 x 1 + 4 x 5 + 3 x 8) = 90 core entries
+    assert int(rows["lora"][5].replace(",", "")) == r * dims == 4608
+    assert int(rows["tri (grown)"][5].replace(",", "")) == r * dims + 6 * 90 == 5148
+    full = bench.GPT(bench.GPTConfig(**bench.GPT2_SMALL | dict(n_layer=1, n_head=2, n_embd=32, vocab_size=300)))
+    assert int(rows["full"][5].replace(",", "")) == sum(p.numel() for p in full.parameters())
+    printed = "\n".join(lines)
+    assert "tri (grown) / lora, eager: step time" in printed and "(target <= 1.05: " in printed
+    assert "peak memory" in printed and "(target <= 1.02: " in printed
+    assert "aten ops per step (eager, count_ops): lora " in printed
+    assert printed.endswith("8 x 576 + 6 x 90 = 5,148")
