@@ -260,20 +260,6 @@ def to_gpt2_state(project_state: dict, config: GPTConfig) -> dict:
 
 # ----------------------------------------------------------------------------- writing a folder
 
-def atomic_write(path, write):
-    """write(fh) into a temporary file beside path, fsync, rename: a kill leaves the old file or the new."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_folder(folder, model_or_state, config: GPTConfig, tokenizer_from=None, dtype=None):
     """Write a GPT-2 folder that GPT2LMHeadModel.from_pretrained loads: config.json, model.safetensors
     (in dtype, else the model's own), and vocab.json and merges.txt copied from tokenizer_from."""
@@ -287,14 +273,14 @@ def write_folder(folder, model_or_state, config: GPTConfig, tokenizer_from=None,
         if not os.path.isfile(path):
             raise GPT2Error(f"{path} does not exist")
     os.makedirs(folder, exist_ok=True)
-    atomic_write(os.path.join(folder, "model.safetensors"),
+    tensorfile.atomic_write(os.path.join(folder, "model.safetensors"),
                  lambda fh: tensorfile.write(fh, tensors, {"format": "pt"}))  # "pt": what HF writes
     cfg = gpt2_config(config, next(iter(tensors.values())).dtype)
-    atomic_write(os.path.join(folder, "config.json"),
+    tensorfile.atomic_write(os.path.join(folder, "config.json"),
                  lambda fh: fh.write(json.dumps(cfg, indent=2).encode()))
     for path in tokenizer:
         with open(path, "rb") as src:
-            atomic_write(os.path.join(folder, os.path.basename(path)),
+            tensorfile.atomic_write(os.path.join(folder, os.path.basename(path)),
                          lambda fh: shutil.copyfileobj(src, fh))
 
 

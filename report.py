@@ -29,16 +29,7 @@ from options import TARGETS, public_args
 def atomic_save(obj, path, writer=None):
     """Write to a temporary file in the same folder, fsync, then rename: a kill leaves old or new."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            (writer or adapters.save_file)(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    tensorfile.atomic_write(path, lambda fh: (writer or adapters.save_file)(obj, fh))
 
 
 def save_json(obj, path):

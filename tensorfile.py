@@ -12,7 +12,8 @@ cannot run anything (unlike a pickle). The layout, byte for byte:
     tensors, metadata = read("model.safetensors")                  # {name: tensor}, {str: str}
 
 The Hugging Face tools write model.safetensors and PEFT's adapter_model.safetensors in this format;
-adapters.py (the LoRA export) and gpt2.py (GPT-2 folders) use this file for both directions.
+adapters.py (the LoRA export) and gpt2.py (GPT-2 folders) use this file for both directions, and every
+file the project writes goes through atomic_write: a kill leaves the old file or the new, never half.
 """
 import json
 import os
@@ -115,3 +116,17 @@ def read(path):
             if stop > begin else torch.empty(0, dtype=dtype)
         tensors[name] = flat.view(info["shape"])  # shares the one buffer: nothing is copied twice
     return tensors, metadata
+
+
+def atomic_write(path, write):
+    """write(fh) into a temporary file beside path, fsync, rename: a kill leaves the old file or the new."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
