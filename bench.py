@@ -116,7 +116,7 @@ def grow_by_allocator(model, layers, opt, batches, rank_step, **growth):
     ref_rank per matrix: the adapters, and the optimizer's groups and state, as training leaves them.
     Returns the allocator."""
     alloc = triadapt.RankAllocator(layers, total_steps=10, warmup=0, interval=1, rank_step=rank_step,
-                                   **growth)
+                                   optimizer=opt, **growth)
     t = 0
     while alloc.total_rank < alloc.target_total_rank:
         t += 1
@@ -238,7 +238,7 @@ def allocator_fraction(config, args, steps=120):
     model = GPT(config).to(args.device)
     layers = triadapt.inject(model, list(options.TARGETS), rank=1, ref_rank=args.rank)
     opt = adamw([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    alloc = triadapt.RankAllocator(layers, total_steps=steps, warmup=10, interval=10)
+    alloc = triadapt.RankAllocator(layers, total_steps=steps, warmup=10, interval=10, optimizer=opt)
     g = torch.Generator().manual_seed(0)
     in_alloc, rounds = 0.0, 0
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
@@ -265,7 +265,7 @@ def graphs_compiled(config, device, steps=30):
     layers = triadapt.inject(model, list(options.TARGETS), rank=1, ref_rank=8)
     opt = adamw(list(train.trainable(model).values()), lr=1e-3)
     alloc = triadapt.RankAllocator(layers, total_steps=steps, schedule="topk", top_k=2, warmup=5, interval=1,
-                                   rank_step=4)
+                                   rank_step=4, optimizer=opt)
     graphs = []
 
     def backend(gm, example_inputs):
@@ -275,14 +275,14 @@ def graphs_compiled(config, device, steps=30):
     task = type("Task", (), {"loss": staticmethod(lambda m, x, y: m(x, y)[1])})()
     compiled = lambda: torch.compile(train.Objective(model, task, layers), backend=backend)
     torch._dynamo.reset()
-    step_fn, params, rounds, doublings = compiled(), train.trainable(model), 0, 0
+    step_fn, rounds, doublings = compiled(), 0, 0
     for t, xy in enumerate(make_batches(config, 8, device, n=steps), start=1):
         loss, penalty = step_fn(xy[:, :-1], xy[:, 1:])
         (loss + ORTH_REG * penalty).backward()
         opt.step()
         rounds += bool(alloc.update_and_allocate(t))
-        if train.follow_resized(opt, params, train.trainable(model)):
-            params, step_fn, doublings = train.trainable(model), compiled(), doublings + 1
+        if alloc.recreated:  # a capacity doubled: the allocator moved the optimizer, the step is compiled again
+            step_fn, doublings = compiled(), doublings + 1
         opt.zero_grad(set_to_none=True)
     return len(graphs), rounds, doublings
 
