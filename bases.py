@@ -7,8 +7,9 @@ build every adapter on these few functions:
     adapter_dtype(weight)    float32 on a float16/bfloat16 base (PEFT's choice), else the base's dtype
     adapter_out(x, CA, B)    (x (CA)^T) B^T in the adapter's dtype, returned in the base output's
     merge_into_base(layer)   W <- W + dW, transposed for a Conv1D
-    adaptable, reads_weight_directly    what inject() takes, and what it refuses
+    targets_in(model, targets)          the layers inject() wraps, and what it refuses
     move_to_new_tensors      the optimizer's state into tensors re-created at a larger capacity
+    count_trainable(model)   adapters by their n_trainable, every other trainable tensor by numel()
 """
 import torch
 import torch.nn as nn
@@ -60,12 +61,22 @@ def adaptable(module):
     return isinstance(module, nn.Linear) or (hasattr(module, "nf") and torch.is_tensor(weight) and weight.dim() == 2)
 
 
-def reads_weight_directly(model, name):
-    """nn.MultiheadAttention hands out_proj.weight to a fused kernel and never calls out_proj(x): an adapter
-    there would be skipped (or fail), so inject() refuses it."""
-    parent, _, child = name.rpartition(".")
-    owner = model.get_submodule(parent) if parent else model
-    return isinstance(owner, nn.MultiheadAttention) and child == "out_proj"
+def targets_in(model, targets):
+    """[(qualified name, layer)] of the adaptable layers whose names end with a target (whole components:
+    "proj" matches "mlp.proj", not "attn.out_proj"). Refused: a target matching nothing, and the out_proj
+    of an nn.MultiheadAttention, which hands its weight to a fused kernel instead of calling it."""
+    candidates = [(n, m) for n, m in model.named_modules() if adaptable(m)]
+    chosen = [(n, m) for n, m in candidates if any(n == t or n.endswith("." + t) for t in targets)]
+    for name, _ in chosen:
+        parent, _, child = name.rpartition(".")
+        if child == "out_proj" and isinstance(model.get_submodule(parent), nn.MultiheadAttention):
+            raise ValueError(f"{name} cannot be adapted: its parent nn.MultiheadAttention reads its weight "
+                             f"directly instead of calling it")
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n, _ in chosen)]
+    if missing:
+        kinds = sorted({n.rpartition(".")[2] for n, _ in candidates})
+        raise ValueError(f"no nn.Linear or Conv1D named {', '.join(missing)}; those in this model: {', '.join(kinds)}")
+    return chosen
 
 
 def move_to_new_tensors(optimizer, old, new):
@@ -82,3 +93,12 @@ def move_to_new_tensors(optimizer, old, new):
                 state[key] = v.new_zeros(n.shape)
                 state[key][tuple(slice(0, size) for size in o.shape)] = v
         optimizer.state[n] = state
+
+
+def count_trainable(model):
+    """Trainable numbers of `model`: adapters by n_trainable (never their masked zeros), every other
+    trainable tensor by numel()."""
+    adapters = [m for m in model.modules() if hasattr(m, "n_trainable")]  # any adapter class
+    own = {id(p) for m in adapters for p in m.parameters(recurse=False)}
+    others = sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in own)
+    return others + sum(m.n_trainable for m in adapters)

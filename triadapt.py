@@ -20,14 +20,9 @@ p = (t - warmup) / (T - warmup) and deficit D = R_target - R_total:
 clamped to [1, matrices below their cap]; ties with the K-th score all grow, and R_total never passes
 R_target. The loss adds lambda * R_orth, R_orth = 1/(2n) sum_l (||A A^T - I_r||_F + ||B^T B - I_r||_F).
 
-Storage at a fixed capacity c >= r: A (c, d_in), B (d_out, c), L, U (c, c), and buffers L_mask, U_mask
-holding s on the blocks' entries, 0 elsewhere (s C = L * L_mask + U * U_mask); A's rows and B's columns
-past r are zero and get no gradient. A growth writes in place and opens the masks, so the optimizer, DDP
-and a compiled step see the same tensors. The capacity starts at 2 r_ref and doubles, up to
-min(d_in, d_out), when a growth would pass it: the one event that re-creates the tensors (at most
-ceil(log2(cap / c_0)) a run). The allocator then puts the new tensors in the optimizer, in the old ones'
-place, Adam's moments zero-padded (bases.py), and lists the layer in `allocator.recreated`: a
-caller that wrapped the model (DDP, torch.compile) wraps it again then, and only then.
+Storage at a fixed capacity c >= r (2 r_ref, doubled when a growth would pass it): A (c, d_in), B (d_out, c),
+L, U (c, c), s C = L * L_mask + U * U_mask; a growth writes in place and opens the masks. A doubling's new
+tensors go into the optimizer, and allocator.recreated names their layers (re-wrap DDP or compile then).
 
     layers = inject(model, ["q_proj", "v_proj"], rank=1, ref_rank=8)          # {name: TriAdaptLinear}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
@@ -38,12 +33,8 @@ caller that wrapped the model (DDP, torch.compile) wraps it again then, and only
         allocator.update_and_allocate(t)  # may grow ranks, in place; keeps `opt` right through a doubling
         opt.zero_grad()
 
-Any model (bases.py): a base is an nn.Linear (weight (d_out, d_in)) or a Conv1D-style layer with weight
-(d_in, d_out) (fan_in_fan_out, detected from GPT-2's `nf` attribute); on a float16/bfloat16 base the
-adapter's tensors are float32 (as PEFT's), its output is cast to the base's dtype. The LoRA fold (lora_factors()):
-dW = s B C A = lora_B @ lora_A with lora_B = B (d_out, r), lora_A = (s C) A (r, d_in), the product as
-delta_weight() takes it.
-python -m pytest -q tests -m "not slow" checks the math (tests/test_oracle.py: a literal slow version).
+A base is an nn.Linear or a Conv1D in any dtype (bases.py); lora_factors() folds dW = lora_B @ lora_A,
+lora_B = B, lora_A = (s C) A. The tests check the math (tests/test_oracle.py: a literal slow version).
 """
 import itertools
 import math
@@ -52,6 +43,7 @@ import torch
 import torch.nn as nn
 
 import bases
+from bases import count_trainable  # noqa: F401 (part of this module's API: adapters by n_trainable)
 
 SCHEDULES = ("linear", "exponential", "topk")
 
@@ -162,40 +154,34 @@ class TriAdaptLinear(nn.Module):
 
     def lora_factors(self):
         """(lora_A (r, d_in), lora_B (d_out, r)) with lora_B @ lora_A = dW: s C A and B on the active rank."""
-        r = self.rank
-        return (self.scaled_core()[:r, :r] @ self.A[:r]).detach(), self.B[:, :r].detach()
+        return (self.scaled_core()[:self.rank] @ self.A).detach(), self.B[:, :self.rank].detach()
 
     def adapter_entry(self):
         """The kind, the settings and the active entries only (no capacity padding): adapters.py saves it,
         from_entry() rebuilds the layer from it."""
         r = self.rank
-        return {"kind": self.KIND, "alpha": self.alpha, "ref_rank": self.ref_rank, "fan_in_fan_out": self.fan_in_fan_out,
-                "block_sizes": list(self.block_sizes), "A": self.A[:r], "B": self.B[:, :r],
-                "L": self.L[:r, :r], "U": self.U[:r, :r]}
+        return {"kind": self.KIND, "alpha": self.alpha, "ref_rank": self.ref_rank, "block_sizes": self.block_sizes[:],
+                "fan_in_fan_out": self.fan_in_fan_out, "A": self.A[:r], "B": self.B[:, :r], "L": self.L[:r, :r],
+                "U": self.U[:r, :r]}
 
     @classmethod
+    @torch.no_grad()
     def from_entry(cls, base, entry, **kwargs):
-        """The layer adapter_entry() describes, on `base`: made at its first block, grown by the others."""
+        """The layer adapter_entry() describes, on `base`: made at its first block, grown by the others,
+        then its tensors copied in (views of the active entries: a shape that differs is refused)."""
         first, *rest = entry["block_sizes"]
         layer = cls(base, rank=first, alpha=entry["alpha"], ref_rank=entry["ref_rank"],
                     fan_in_fan_out=entry["fan_in_fan_out"], **kwargs)
         for k in rest:
             layer.grow(k)
-        layer.load_entry(entry)
+        for key, view in [(k, v) for k, v in layer.adapter_entry().items() if torch.is_tensor(v)]:
+            if view.shape != entry[key].shape:
+                raise ValueError(f"{key} is saved as {tuple(entry[key].shape)}, the blocks make {tuple(view.shape)}")
+            view.copy_(entry[key])
         return layer
 
-    @torch.no_grad()
-    def load_entry(self, entry):
-        """Copy adapter_entry()'s tensors into a layer grown to the same blocks."""
-        for key, view in [(k, v) for k, v in self.adapter_entry().items() if torch.is_tensor(v)]:
-            if view.shape != entry[key].shape:
-                raise ValueError(f"{key} is saved as {tuple(entry[key].shape)}, "
-                                 f"but its blocks make it {tuple(view.shape)}")
-            view.copy_(entry[key])
-
     def extra_repr(self):
-        return (f"d_in={self.d_in}, d_out={self.d_out}, blocks={self.block_sizes}, capacity={self.capacity}, "
-                f"s={self.scale:g}")
+        return f"d_in={self.d_in}, d_out={self.d_out}, blocks={self.block_sizes}, c={self.capacity}, s={self.scale:g}"
 
 
 def normalized_frobenius(C):
@@ -260,17 +246,7 @@ def inject(model, targets, layer_cls=TriAdaptLinear, **layer_kwargs):
     A target matches whole name components: "proj" matches "mlp.proj", not "attn.out_proj".
     Returns {qualified name: adapter layer} in the model's module order.
     """
-    candidates = [(n, m) for n, m in model.named_modules() if bases.adaptable(m)]
-    chosen = [(n, m) for n, m in candidates if any(n == t or n.endswith("." + t) for t in targets)]
-    refused = [n for n, _ in chosen if bases.reads_weight_directly(model, n)]
-    if refused:
-        raise ValueError(f"{refused[0]} cannot be adapted: its parent nn.MultiheadAttention reads its weight "
-                         f"directly instead of calling it")
-    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n, _ in chosen)]
-    if missing:
-        kinds = sorted({n.rpartition(".")[2] for n, _ in candidates})
-        raise ValueError(f"no nn.Linear or Conv1D named {', '.join(missing)}; "
-                         f"those in this model: {', '.join(kinds)}")
+    chosen = bases.targets_in(model, targets)  # [(name, layer)], or a ValueError naming what is wrong
     model.requires_grad_(False)
     layers = {}
     for name, linear in chosen:
@@ -280,24 +256,13 @@ def inject(model, targets, layer_cls=TriAdaptLinear, **layer_kwargs):
     return layers
 
 
-def count_trainable(model):
-    """Trainable numbers of `model`: adapters by n_trainable, every other trainable tensor by numel()."""
-    adapters = [m for m in model.modules() if hasattr(m, "n_trainable")]  # any adapter class (baselines.py)
-    own = {id(p) for m in adapters for p in m.parameters(recurse=False)}
-    others = sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in own)
-    return others + sum(m.n_trainable for m in adapters)
-
-
 class RankAllocator:
     """Grows the ranks of TriAdaptLinear layers during training, within a total-rank budget R_target.
 
     Call update_and_allocate(t) once a step, right after optimizer step t (t counts from 1): when a
-    round is due it scores every matrix (importance()) and grows the chosen ones in place. A growth past a
-    layer's capacity re-creates its tensors: the allocator puts them in `optimizer`'s place of the old
-    ones (Adam's state zero-padded) and names the layer in `recreated` until the next call, so that a
-    caller who wrapped the model (DDP, torch.compile) wraps it again. `sync`, if given, maps the dict
-    {name: N(C)} to the dict used (rank 0's values broadcast to every process, so all make the same
-    decision). baselines.py derives IncreLoRA's allocator from this one.
+    round is due it scores every matrix (importance()) and grows the chosen ones in place. Tensors a growth
+    re-creates go into `optimizer` in the old ones' place, and their layers into `recreated` until the next
+    call. `sync`, if given, maps {name: N(C)} to the dict used (rank 0's values on every process).
     """
 
     def __init__(self, layers, total_steps, target_total_rank=None, schedule="linear", warmup=0,
@@ -323,8 +288,7 @@ class RankAllocator:
 
     total_rank = property(lambda self: sum(l.rank for l in self.layers.values()))
 
-    def rank_pattern(self):
-        return {n: l.rank for n, l in self.layers.items()}
+    rank_pattern = lambda self: {n: l.rank for n, l in self.layers.items()}
 
     def norms(self):
         """{name: N(C)} of every layer, through `sync`."""
@@ -336,8 +300,7 @@ class RankAllocator:
         scores, self.prev = {n: now[n] - self.prev[n] for n in now}, now
         return scores
 
-    def due(self, t):
-        return t > self.warmup and t % self.interval == 0 and self.total_rank < self.target_total_rank
+    due = lambda self, t: t > self.warmup and t % self.interval == 0 and self.total_rank < self.target_total_rank
 
     def update_and_allocate(self, t):
         """The one call a step, after optimizer step t. Returns the names that grew."""
@@ -364,23 +327,20 @@ class RankAllocator:
         return grown
 
     def grow(self, t, name, k):
-        layer = self.layers[name]
-        before = dict(layer.named_parameters(recurse=False))
+        layer, before = self.layers[name], dict(self.layers[name].named_parameters(recurse=False))
         layer.grow(k)
         self.events.append((t, name, k))
-        after = dict(layer.named_parameters(recurse=False))
-        if any(after[n] is not p for n, p in before.items()):  # the capacity doubled
+        if layer.A is not before["A"]:  # the capacity doubled: new tensors, to put in the old ones' place
             self.recreated.append(name)
             if self.optimizer is not None:
-                bases.move_to_new_tensors(self.optimizer, before, after)
+                bases.move_to_new_tensors(self.optimizer, before, dict(layer.named_parameters(recurse=False)))
 
     def state_dict(self):
         return {"prev": dict(self.prev), "scores": dict(self.scores), "events": list(self.events)}
 
     def load_state_dict(self, state):
-        """Replay the recorded growths, then restore the norms. Call on a freshly injected model, before
-        loading the model's and the optimizer's state (the replay sets the capacities and masks the state
-        dicts must fit, and puts re-created tensors in the optimizer)."""
+        """Replay the recorded growths (capacities, masks, the optimizer's tensors), then restore the norms.
+        Call on a freshly injected model, before loading the model's and the optimizer's state."""
         if self.events:
             raise RuntimeError("load_state_dict() needs an allocator that has not grown anything yet")
         self.recreated = []

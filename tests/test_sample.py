@@ -275,7 +275,8 @@ BAD = [  # (what, argv from (lm, cls, tmp_path), a part of the message)
      "has no place in a LoRA file"),
     ("lora export to a file", lambda lm, cls, t: [*linear(lm), "--export-lora", lm[0] / "linear" / "adapter.pt"],
      "is a file, not a folder"),
-    ("first-format adapter", lambda lm, cls, t: ["--run", moved_run(lm, t, lambda a: a.update(format="triadapt-adapter-1"))],
+    ("first-format adapter",
+     lambda lm, cls, t: ["--run", moved_run(lm, t, lambda a: a.update(format="triadapt-adapter-1"))],
      "of the first format (triadapt-adapter-1)"),
 ]
 
