@@ -120,18 +120,8 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def from_entry(cls, base, entry):
         layer = cls(base, rank=entry["rank"], alpha=entry["alpha"], fan_in_fan_out=entry["fan_in_fan_out"])
-        load_tensors(layer, entry, ("A", "B"))
+        bases.copy_into({"A": layer.A, "B": layer.B}, entry)
         return layer
-
-
-@torch.no_grad()
-def load_tensors(layer, entry, keys):
-    """Copy entry[key] into layer.key for each key, refusing a shape that differs."""
-    for key in keys:
-        mine = getattr(layer, key)
-        if mine.shape != entry[key].shape:
-            raise ValueError(f"{key} is saved as {tuple(entry[key].shape)}, but the layer's is {tuple(mine.shape)}")
-        mine.copy_(entry[key])
 
 
 # ----------------------------------------------------------------------------- AdaLoRA
@@ -217,7 +207,7 @@ class AdaLoRALinear(nn.Module):
     def from_entry(cls, base, entry):
         layer = cls(base, rank=len(entry["E"]), alpha=entry["alpha"], ref_rank=entry["ref_rank"],
                     fan_in_fan_out=entry["fan_in_fan_out"])
-        load_tensors(layer, entry, ("A", "B", "E"))
+        bases.copy_into({"A": layer.A, "B": layer.B, "E": layer.E}, entry)
         layer.set_live(entry["live"].to(layer.live.device))
         return layer
 

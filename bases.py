@@ -9,6 +9,7 @@ build every adapter on these few functions:
     merge_into_base(layer)   W <- W + dW, transposed for a Conv1D
     targets_in(model, targets)          the layers inject() wraps, and what it refuses
     move_to_new_tensors      the optimizer's state into tensors re-created at a larger capacity
+    copy_into(views, entry)  an adapter file's tensors into a layer, shapes checked
     count_trainable(model)   adapters by their n_trainable, every other trainable tensor by numel()
 """
 import torch
@@ -93,6 +94,16 @@ def move_to_new_tensors(optimizer, old, new):
                 state[key] = v.new_zeros(n.shape)
                 state[key][tuple(slice(0, size) for size in o.shape)] = v
         optimizer.state[n] = state
+
+
+@torch.no_grad()
+def copy_into(views, entry):
+    """Copy entry[key] into views[key] (a layer's tensor, or a view of its active entries) for each key,
+    refusing a saved shape that differs: loading an adapter file."""
+    for key, view in views.items():
+        if view.shape != entry[key].shape:
+            raise ValueError(f"{key} is saved as {tuple(entry[key].shape)}, the layer holds {tuple(view.shape)}")
+        view.copy_(entry[key])
 
 
 def count_trainable(model):

@@ -560,8 +560,8 @@ def gpt2_bench(args):
         "peak MiB: in a fresh process per row, the peak over its warm-up and timed step, less what it held",
         f"  before building the model (after a throwaway step of a tiny one), of {memory}:",
         "  weights, gradients, AdamW state, activations",
-        f"FLOPs per token: k N + 12 L T C; k = 4 with a frozen base (forward 2N + input gradients 2N; the "
-        f"adapters'",
+        "FLOPs per token: k N + 12 L T C; k = 4 with a frozen base (forward 2N + input gradients 2N; the "
+        "adapters'",
         "  own FLOPs not counted), 6 for full (+ weight gradients 2N); N = parameters less the position "
         "embedding",
         f"  = {N:,} (nanoGPT's get_num_params(): wte once, as the tied lm_head's matmul); 12 L T C: "

@@ -52,6 +52,11 @@ PROJECT_TO_GPT2 = {"attn.q_proj": ("attn.c_attn", 0), "attn.k_proj": ("attn.c_at
                    "mlp.fc_in": ("mlp.c_fc", None), "mlp.fc_out": ("mlp.c_proj", None)}
 
 
+def is_folder(path):
+    """A base given as a folder is a GPT-2 folder (a base checkpoint is a file)."""
+    return path is not None and os.path.isdir(path)
+
+
 class GPT2Error(ValueError):
     """A GPT-2 folder, state or config that this layout cannot take: one line that says why."""
 

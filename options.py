@@ -26,7 +26,6 @@ from model import GPT, GPTConfig
 
 SCHEDULES = ("linear", "exponential", "topk", "lora", "adalora", "increlora", "full")
 TASKS = ("lm",) + tuple(tasks.GLUE_TASKS) + ("classify",)  # classify: the old name of package, refused below
-GROWING = triadapt.SCHEDULES + ("increlora",)  # the schedules RankAllocator drives
 TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out")
 # Flags that change what a run computes: --resume refuses a checkpoint made with other values.
 TRAJECTORY = ("arch", "task", "n_layer", "n_head", "n_embd", "block_size", "data", "dtype", "batch_size",
@@ -271,11 +270,6 @@ def validate(args, explicit=()):
     check_resume(args)
 
 
-def is_gpt2_folder(path):
-    """--init-from FOLDER: a GPT-2 folder (config.json, model.safetensors, vocab.json, merges.txt)."""
-    return path is not None and os.path.isdir(path)
-
-
 def take_shape_from_gpt2(args, explicit):
     """A GPT-2 folder: its shape, its context (or a smaller --block-size), its BPE; a GPT language model."""
     try:
@@ -300,7 +294,7 @@ def take_shape_from_gpt2(args, explicit):
 
 def take_shape_from_base(args, explicit):
     """--init-from: the model's shape is the base's; a flag that says otherwise is an error."""
-    if is_gpt2_folder(args.init_from):
+    if gpt2.is_folder(args.init_from):
         return take_shape_from_gpt2(args, explicit)
     base = load_checkpoint(args.init_from, "base checkpoint")
     if not isinstance(base, dict) or "model" not in base or "config" not in base:

@@ -51,13 +51,14 @@ import torch
 
 import bpe
 import data
+import gpt2
 
 
 # ----------------------------------------------------------------------------- what a run trains on
 
 def tokenizer(init_from):
     """GPT-2's BPE when the base is a GPT-2 folder (bpe.py), else None: the tokens are bytes."""
-    return bpe.BPETokenizer.from_folder(init_from) if init_from and os.path.isdir(init_from) else None
+    return bpe.BPETokenizer.from_folder(init_from) if gpt2.is_folder(init_from) else None
 
 
 def encode(text, tok=None):

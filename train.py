@@ -472,7 +472,7 @@ GPT2_FIELDS = {"gelu_approximate": GPTConfig.gelu_approximate, "ln_eps": GPTConf
 def pretrain(args, procs, base_splits, digest):
     """Train the base model from scratch (continuing an interrupted pretraining of the same settings),
     or load the one saved for these settings; returns its checkpoint, with its file's path as "path"."""
-    if options.is_gpt2_folder(args.init_from):  # a GPT-2 folder: its weights, read from safetensors
+    if gpt2.is_folder(args.init_from):  # a GPT-2 folder: its weights, read from safetensors
         try:
             model = gpt2.from_pretrained(args.init_from)
         except gpt2.GPT2Error as e:

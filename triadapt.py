@@ -174,10 +174,7 @@ class TriAdaptLinear(nn.Module):
                     fan_in_fan_out=entry["fan_in_fan_out"], **kwargs)
         for k in rest:
             layer.grow(k)
-        for key, view in [(k, v) for k, v in layer.adapter_entry().items() if torch.is_tensor(v)]:
-            if view.shape != entry[key].shape:
-                raise ValueError(f"{key} is saved as {tuple(entry[key].shape)}, the blocks make {tuple(view.shape)}")
-            view.copy_(entry[key])
+        bases.copy_into({k: v for k, v in layer.adapter_entry().items() if torch.is_tensor(v)}, entry)
         return layer
 
     def extra_repr(self):
