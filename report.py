@@ -111,7 +111,7 @@ def save_adapter(args, run, folder, base_ckpt):
                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()} if full else None,
                "base_path": base_ckpt.get("path"), "base_fingerprint": state_fingerprint(base_ckpt["model"])}
     path = os.path.join(folder, "adapter.pt")
-    atomic_save(adapter, path, adapters.save_file)
+    atomic_save(adapter, path)
     return path
 
 
