@@ -212,6 +212,10 @@ class AdaLoRALinear(nn.Module):
         return layer
 
 
+default_adalora_rank = lambda ref_rank: max(1, (3 * ref_rank) // 2)  # a matrix's first triplets: 1.5 r_ref
+default_final_warmup = lambda total_steps: total_steps // 6          # t_f
+
+
 class AdaLoRAAllocator:
     """Scores the triplets of AdaLoRALinear layers and masks them down to the cubic budget b(t).
 
@@ -229,12 +233,12 @@ class AdaLoRAAllocator:
         ref_rank = next(iter(self.layers.values())).ref_rank
         self.total_steps, self.interval = total_steps, max(1, interval)
         self.init_warmup = init_warmup                                                  # as given
-        self.final_warmup = total_steps // 6 if final_warmup is None else final_warmup  # t_f
+        self.final_warmup = default_final_warmup(total_steps) if final_warmup is None else final_warmup
         # step T at the latest fixes the final mask, so every run ends with R_T live triplets
         self.mask_end = min(max(init_warmup, total_steps - self.final_warmup), total_steps - 1)  # t_e
         self.mask_start = min(init_warmup, self.mask_end)                                        # t_i
         self.initial_total_rank = sum(l.A.shape[0] for l in self.layers.values())     # R_0
-        self.target_total_rank = target_total_rank or ref_rank * len(self.layers)      # R_T
+        self.target_total_rank = target_total_rank or triadapt.default_budget(ref_rank, len(self.layers))
         if not 1 <= self.target_total_rank <= self.initial_total_rank:
             raise ValueError(f"target total rank {self.target_total_rank} must be in [1, "
                              f"{self.initial_total_rank}], the initial total rank")
@@ -252,13 +256,6 @@ class AdaLoRAAllocator:
     @property
     def total_rank(self):
         return sum(l.rank for l in self.layers.values())
-
-    def rank_pattern(self):
-        return {n: l.rank for n, l in self.layers.items()}
-
-    def max_held(self):
-        """The adapter parameters that train at any time: every triplet, masked or not."""
-        return sum(l.n_held for l in self.layers.values())
 
     def budget(self, t):
         """b(t): R_0 up to t_i, the cubic down to R_T at t_e, R_T after; integer arithmetic, floored."""
@@ -358,28 +355,54 @@ ADVANCE_EPS = 1e-3  # the frozen core entry of an advance block: small, so it ba
 
 
 class IncreLoRALinear(triadapt.TriAdaptLinear):
-    """TriAdaptLinear with IncreLoRA's switches: a diagonal core, sensitivity tracking, an advance block."""
+    """TriAdaptLinear with IncreLoRA's switches: a diagonal core, sensitivity tracking, an advance block.
+
+    It overrides TriAdaptLinear's hooks: _allocate() adds the buffer `ahead`, reserve() makes room for the
+    advance block too, fresh_rows() keeps the rows it holds, open_block() opens a diagonal core; grow()
+    then gives the rows that went live their eps as their core entry and refills the advance block."""
 
     KIND = "increlora"
+    # TriAdaptLinear's own choices: the base's __init__ makes the first block with them (through the hooks),
+    # then __init__ sets this layer's and applies them
+    core_kind, advance = "triangular", 0
 
     def __init__(self, base, rank=1, alpha=16.0, ref_rank=8, init_std=0.02, core="triangular", advance=0,
                  fan_in_fan_out=None):
         if core not in CORES:
             raise ValueError(f"unknown core {core!r}: choose one of {', '.join(CORES)}")
-        self.core_kind, self.advance = core, 0  # read by open_block() and grow() in the base's __init__
         super().__init__(base, rank, alpha, ref_rank, init_std, fan_in_fan_out)
         self.track_sensitivity = False  # set by IncreLoRAAllocator(importance="sensitivity")
         self.grad_dW = self._dW = None  # (d_out, d_in): dL/ddW of this step, and dW before the step
-        self.register_buffer("ahead", torch.zeros_like(self.L), persistent=False)  # (c, c), s eps on advance
         self.frozen_ahead = advance > 0  # a Python flag read by forward: changes once, at drop_advance()
+        self.core_kind = core
+        if core == "diagonal":  # the base opened the first block triangular: open it again, diagonal
+            self.L_mask.zero_()
+            self.U_mask.zero_()
+            self.open_block(0, rank)
         if advance:
-            self.reserve(self.rank + advance)
-            self.fill_advance(self.rank, advance)
+            self.reserve(rank + advance)  # self.advance, which reserve() adds, is 0 until fill_advance()
+            self.fill_advance(advance)
 
     @property
     def n_trainable(self):
         core = self.rank if self.core_kind == "diagonal" else 2 * sum((hi - lo) * hi for lo, hi in self.blocks())
         return (self.rank + self.advance) * (self.d_in + self.d_out) + core
+
+    def scaled_core(self):
+        sC = super().scaled_core()                          # (c, c)
+        return sC + self.ahead if self.frozen_ahead else sC
+
+    def _allocate(self, c):
+        super()._allocate(c)  # reserve() copies `ahead` into its new corner, as every buffer
+        self.register_buffer("ahead", torch.zeros_like(self.L), persistent=False)  # (c, c), s eps on advance
+
+    def reserve(self, n):
+        """As TriAdaptLinear's, with room for the advance block past the n rows."""
+        super().reserve(n + self.advance)
+
+    def fresh_rows(self, lo, hi):
+        """As TriAdaptLinear's, but the rows the advance block holds (r:r + advance) keep their values."""
+        super().fresh_rows(max(lo, self.rank + self.advance), hi)
 
     def open_block(self, lo, hi):
         if self.core_kind == "triangular":
@@ -388,51 +411,29 @@ class IncreLoRALinear(triadapt.TriAdaptLinear):
         self.L_mask[diag, diag] = self.scale  # diag(lambda) only: U is never used
         self.gram_mask[:hi, :hi] = 1
 
-    def scaled_core(self):
-        sC = super().scaled_core()                          # (c, c)
-        return sC + self.ahead if self.frozen_ahead else sC
-
-    def reserve(self, n):
-        super().reserve(n)
-        if hasattr(self, "ahead") and self.ahead.shape != self.L.shape:  # re-created: the buffer follows
-            old, self.ahead = self.ahead, torch.zeros_like(self.L)
-            self.ahead[:old.shape[0], :old.shape[1]] = old
-
-    @torch.no_grad()
-    def fill_advance(self, lo, n):
-        """Advance rows lo.. lo + n - 1: fresh A rows ~ N(0, init_std^2) from row lo + (kept rows) on, B = 0."""
-        n = min(n, self.capacity - self.rank)  # at the cap the block shrinks to what is left
-        fresh = self.rank + n - lo
-        if fresh > 0:
-            self.A[lo:lo + fresh] = torch.randn(fresh, self.A.shape[1], device=self.A.device,
-                                                dtype=self.A.dtype) * self.init_std
-            self.B[:, lo:lo + fresh] = 0
-        r = self.rank
-        self.ahead.zero_()
-        self.ahead[range(r, r + n), range(r, r + n)] = self.scale * ADVANCE_EPS
-        self.advance = n
-
     @torch.no_grad()
     def grow(self, k):
-        """As TriAdaptLinear.grow, but the advance block's rows go live first, values kept, with their
-        frozen eps as their core entry (dW does not change); then the advance block is refilled."""
-        a = self.advance
-        if not a:
-            return super().grow(k)
-        r, live = self.rank, min(k, a)
-        if self.merged or k < 1 or r + k > self.max_rank:
-            return super().grow(k)  # raises its error
-        self.reserve(r + k + a)
-        if k > live:
-            self.A[r + live:r + k] = torch.randn(k - live, self.A.shape[1], device=self.A.device,
-                                                 dtype=self.A.dtype) * self.init_std
-        self.L[r:r + k, :r + k] = 0
-        self.L[r:r + k, r:r + k] = torch.eye(k, device=self.L.device, dtype=self.L.dtype)
-        self.L[range(r, r + live), range(r, r + live)] = ADVANCE_EPS
-        self.U[:r + k, r:r + k] = 0
-        self.block_sizes.append(k)
-        self.open_block(r, r + k)
-        self.fill_advance(r + max(k, a), a)  # rows r + k .. r + a trained ahead and stay; fresh ones after
+        """As TriAdaptLinear.grow; the new block's first rows are the advance block's: they go live with their
+        trained values (fresh_rows skips them) and their frozen eps as their core entry, so dW does not
+        change. Then the advance block is refilled."""
+        r, a = self.rank, self.advance
+        super().grow(k)
+        if a:
+            live = range(r, r + min(k, a))
+            self.L[live, live] = ADVANCE_EPS  # s eps, as in `ahead`: now it trains
+            self.advance -= len(live)         # the rows it still holds, past the new rank
+            self.fill_advance(a)
+
+    @torch.no_grad()
+    def fill_advance(self, n):
+        """The advance block, n rows past the rank (fewer at the cap): the rows it still holds keep their
+        values, the others are fresh (fresh_rows); each has the frozen core entry s eps, in `ahead`."""
+        r = self.rank
+        n = min(n, self.capacity - r)
+        self.fresh_rows(r, r + n)
+        self.advance = n
+        self.ahead.zero_()
+        self.ahead[range(r, r + n), range(r, r + n)] = self.scale * ADVANCE_EPS
 
     @torch.no_grad()
     def drop_advance(self):

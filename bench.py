@@ -62,6 +62,7 @@ import tasks
 import baselines
 import options
 import plot
+import processes
 import report
 import train
 import triadapt
@@ -95,19 +96,17 @@ def adamw(params, lr=1e-4):
     return train.make_optimizer(params, lr, weight_decay=0.0)
 
 
+NEXT_TOKEN = type("Task", (), {"loss": staticmethod(lambda m, x, y: m(x, y)[1])})()  # LMTask's loss
+
+
 def train_step(model, layers, opt, xy, orth_reg=ORTH_REG, dtype=None):
-    """One training step as train.py takes it: loss (+ orth_reg * R_orth over the TriAdapt `layers`, if any),
-    backward, gradient clipping to norm 1, AdamW step, zero_grad(set_to_none=True). dtype: the forward
-    under autocast to it (bf16 on CUDA, as train.py), None: float32."""
-    with torch.autocast(xy.device.type, dtype) if dtype else contextlib.nullcontext():
-        loss = model(xy[:, :-1], xy[:, 1:])[1]
-    if layers and orth_reg:
-        loss = loss + orth_reg * triadapt.orthogonal_penalty(layers)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
-    opt.step()
+    """One training step through train.py's own (train.train_step): loss (+ orth_reg * R_orth over the
+    adapter `layers`, if any), backward, gradient clipping to norm 1, AdamW step; then zero_grad. xy:
+    (B, T + 1) tokens; dtype: the forward under autocast to it (bf16 on CUDA, as train.py), None: float32."""
+    step_fn = train.Objective(model, NEXT_TOKEN, layers if orth_reg else {})
+    autocast = torch.autocast(xy.device.type, dtype) if dtype else contextlib.nullcontext()
+    train.train_step(step_fn, opt, [(xy[:, :-1], xy[:, 1:], 1.0)], orth_reg, autocast)
     opt.zero_grad(set_to_none=True)
-    return loss
 
 
 def grow_by_allocator(model, layers, opt, batches, rank_step, **growth):
@@ -163,7 +162,8 @@ def make_variant(name, config, rank, rank_step, device, batches, base=GPT, **gro
     if name == "lora":
         triadapt.inject(model, targets, layer_cls=baselines.LoRALinear, rank=rank)
     elif name == "adalora":
-        layers = triadapt.inject(model, targets, layer_cls=baselines.AdaLoRALinear, rank=(3 * rank) // 2,
+        layers = triadapt.inject(model, targets, layer_cls=baselines.AdaLoRALinear,
+                                 rank=baselines.default_adalora_rank(rank),
                                  ref_rank=rank)
         opt = adamw([p for p in model.parameters() if p.requires_grad])
         return model, layers, WithAllocator(opt, baselines.AdaLoRAAllocator(layers, 10 ** 6, init_warmup=10 ** 5))
@@ -263,7 +263,7 @@ def graphs_compiled(config, device, steps=30):
     torch.manual_seed(0)
     model = GPT(config).to(device)
     layers = triadapt.inject(model, list(options.TARGETS), rank=1, ref_rank=8)
-    opt = adamw(list(train.trainable(model).values()), lr=1e-3)
+    opt = adamw([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     alloc = triadapt.RankAllocator(layers, total_steps=steps, schedule="topk", top_k=2, warmup=5, interval=1,
                                    rank_step=4, optimizer=opt)
     graphs = []
@@ -272,8 +272,7 @@ def graphs_compiled(config, device, steps=30):
         graphs.append(gm)
         return gm.forward
 
-    task = type("Task", (), {"loss": staticmethod(lambda m, x, y: m(x, y)[1])})()
-    compiled = lambda: torch.compile(train.Objective(model, task, layers), backend=backend)
+    compiled = lambda: torch.compile(train.Objective(model, NEXT_TOKEN, layers), backend=backend)
     torch._dynamo.reset()
     step_fn, rounds, doublings = compiled(), 0, 0
     for t, xy in enumerate(make_batches(config, 8, device, n=steps), start=1):
@@ -623,30 +622,29 @@ def quality(args):
         common += ["--pretrain-iters", "100", "--warmup", "10", "--eval-iters", "5", "--iters", "60",
                    "--eval-interval", "60", "--probe-iters", "20"]
     common += args.train_args
-    procs = train.Procs()
+    procs = processes.Procs()
 
     def parsed(*extra, out_dir=args.out_dir):
+        """train.py's settings of these flags (settings.Settings)."""
         argv = common + ["--out-dir", out_dir] + list(extra)
         said = io.StringIO()
         try:
             with contextlib.redirect_stderr(said):
-                targs = options.build_parser().parse_args(argv)
+                s = options.resolve(argv)
         except SystemExit:  # argparse's own message, without its usage lines
             message = said.getvalue().strip().splitlines()[-1].partition("error: ")[2]
             raise options.UsageError(f"--train-args: {message}") from None
-        options.validate(targs, options.explicit_flags(argv))
-        targs.resume_command = args.command
-        return targs
+        return s.replace(run={"resume_command": args.command})
 
-    base_args = parsed()
-    corpora = tasks.read_corpora(base_args)
-    options.make_out_dir(base_args)
-    base_splits, ft_splits, digest = train.cache_corpora(base_args, procs, *corpora)
-    base = train.pretrain(base_args, procs, base_splits, digest)
+    base_s = parsed()
+    corpora = tasks.read_corpora(base_s.data, base_s.model.arch)
+    options.make_out_dir(base_s)
+    base_splits, ft_splits, digest = train.cache_corpora(base_s, procs, *corpora)
+    base = train.pretrain(base_s, procs, base_splits, digest)
     classify = args.task != "lm"
     results = {"task": args.task, "machine": machine(), "methods": {},
                "metric": tasks.GLUE_TASK_CLASSES[args.task].metric if classify else "loss",
-               "base": None if classify else base_losses(base, ft_splits, base_args)}
+               "base": None if classify else base_losses(base, ft_splits, base_s)}
     # a bench split over several commands: the others' methods stay in the tables, if they ran alike
     # train.py's defaults too: rows made before a default changed are not comparable with new ones
     results["settings"] = {"iters": args.iters, "quick": args.quick, "train_args": args.train_args,
@@ -657,12 +655,10 @@ def quality(args):
     def run(label, schedule, *extra):
         runs = []
         for seed in range(args.seeds):
-            targs = parsed("--schedule", schedule, "--seed", str(args.first_seed + seed), *extra,
-                           out_dir=os.path.join(args.out_dir, "bench", f"{label.replace(' ', '_')}-seed{seed}"))
-            targs.status = {schedule: options.run_status(targs, schedule)}
-            task = (tasks.GLUE_TASK_CLASSES[args.task] if classify else tasks.LMTask)(ft_splits, targs)
-            n_classes = task.n_classes if classify else 0
-            runs.append(train.finetune(targs, procs, schedule, base, task, n_classes=n_classes))
+            s = parsed("--schedule", schedule, "--seed", str(args.first_seed + seed), *extra,
+                       out_dir=os.path.join(args.out_dir, "bench", f"{label.replace(' ', '_')}-seed{seed}"))
+            status = options.run_status(s, schedule)
+            runs.append(train.finetune(s, procs, schedule, status, base, train.make_task(s, ft_splits)))
         results["methods"][label] = runs
 
     for name in args.methods:
@@ -671,10 +667,10 @@ def quality(args):
             for needed, label in (("linear", "linear"), ("lora", "lora r_ref")):
                 if label not in results["methods"]:
                     run(label, *METHODS[needed][1:])
-            per_rank = results["methods"]["lora r_ref"][0]["trainable_params"] / base_args.ref_rank
+            per_rank = results["methods"]["lora r_ref"][0]["trainable_params"] / base_s.adapter.ref_rank
             linear = statistics.mean(m["trainable_params"] for m in results["methods"]["linear"])
             matched = max(1, round(linear / per_rank))
-            alpha = base_args.alpha * matched / base_args.ref_rank
+            alpha = base_s.adapter.alpha * matched / base_s.adapter.ref_rank
             run(f"lora r={matched}", "lora", "--ref-rank", str(matched), "--alpha", str(alpha))
         elif name in METHODS:
             run(*METHODS[name])
@@ -698,10 +694,10 @@ def earlier_methods(path, settings):
     return {}
 
 
-def base_losses(base_ckpt, ft_splits, args):
-    model = GPT(GPTConfig(**base_ckpt["config"])).to(args.device_name)
+def base_losses(base_ckpt, ft_splits, s):
+    model = GPT(GPTConfig(**base_ckpt["config"])).to(s.system.device)
     model.load_state_dict(base_ckpt["model"])
-    task = tasks.LMTask(ft_splits, args)
+    task = train.make_task(s, ft_splits)
     return {"val_loss": task.evaluate(model, "val")["loss"], "test_loss": task.evaluate(model, "test")["loss"]}
 
 

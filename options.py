@@ -3,29 +3,33 @@ The command line of train.py: every flag, and every check of the user's input, m
 anything is written. Bad input raises UsageError, which train.py prints as one line (exit 2).
 
     python train.py --help
+    s = options.resolve(argv)         # settings.Settings: frozen, every default resolved
+    status = options.check_resume(s)  # {schedule: "new" | "resume" | "done"}
 
-validate() also settles what the flags leave open: the model's shape from an --init-from base,
-the budget, the device and dtype, the place of this process under torchrun (RANK, WORLD_SIZE,
-LOCAL_RANK from the environment), and with --resume which runs are finished, interrupted or new.
+resolve() is the one reader of the argparse namespace. It also settles what the flags leave open:
+the model's shape from an --init-from base, the budget, k, AdaLoRA's start and t_f, the device and
+dtype, and the place of this process under torchrun (RANK, WORLD_SIZE, LOCAL_RANK from the
+environment); check_resume() says, with --resume, which runs are finished, interrupted or new.
 """
 import argparse
 import glob
 import math
 import os
+import shlex
 
 import torch
 
 import adapters
 import baselines
 import bpe
-import data
 import gpt2
 import tasks
 import triadapt
 from model import GPT, GPTConfig
+from settings import Settings, run_dir
 
 SCHEDULES = ("linear", "exponential", "topk", "lora", "adalora", "increlora", "full")
-TASKS = ("lm",) + tuple(tasks.GLUE_TASKS) + ("classify",)  # classify: the old name of package, refused below
+TASKS = ("lm",) + tuple(tasks.GLUE_TASKS)
 TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out")
 # Flags that change what a run computes: --resume refuses a checkpoint made with other values.
 TRAJECTORY = ("arch", "task", "n_layer", "n_head", "n_embd", "block_size", "data", "dtype", "batch_size",
@@ -193,19 +197,29 @@ def flag(name):
     return "--" + name.replace("_", "-")
 
 
+def resolve(argv):
+    """The command line, checked and resolved into Settings; raises UsageError on bad input."""
+    args = build_parser().parse_args(argv)
+    validate(args, explicit_flags(argv))
+    args.resume_command = resume_command(argv)
+    return Settings.from_public(vars(args))
+
+
 def validate(args, explicit=()):
-    """Every check that can fail on the user's input, before anything is written."""
+    """Every check that can fail on the user's input, before anything is written; each flag left open
+    gets its resolved value under its own name."""
     for name, value in ARCH_DEFAULTS[args.arch].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    args.schedules = [s.strip() for s in args.schedule.split(",") if s.strip()]
-    bad = [s for s in args.schedules if s not in SCHEDULES] or ([] if args.schedules else [args.schedule])
+    schedules = tuple(s.strip() for s in args.schedule.split(",") if s.strip())
+    bad = [s for s in schedules if s not in SCHEDULES] or ([] if schedules else [args.schedule])
     if bad:
         raise UsageError(f"unknown schedule {bad[0]!r}: choose from {', '.join(SCHEDULES)}")
-    args.target_list = [t.strip() for t in args.targets.split(",") if t.strip()]
-    bad = [t for t in args.target_list if t not in TARGETS] or ([] if args.target_list else [args.targets])
+    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    bad = [t for t in targets if t not in TARGETS] or ([] if targets else [args.targets])
     if bad:
         raise UsageError(f"unknown target module {bad[0]!r}: choose from {', '.join(TARGETS)}")
+    args.schedule, args.targets = schedules, targets
     for name in ("iters", "batch_size", "grad_accum", "block_size", "n_layer", "n_head", "n_embd",
                  "eval_interval", "eval_iters", "log_interval", "ref_rank", "init_rank", "interval", "top_k",
                  "dist_timeout"):
@@ -235,39 +249,27 @@ def validate(args, explicit=()):
     if args.warmup >= args.iters:
         raise UsageError(f"--warmup {args.warmup} must be below --iters {args.iters}: "
                          f"no allocation round could happen")
-    if args.task == "classify":
-        raise UsageError("--task classify is now --task package, one of the understanding tasks "
-                         f"{', '.join(tasks.GLUE_TASKS)}")
     if args.task in tasks.GLUE_TASKS and args.arch != "encoder":
         raise UsageError(f"--task {args.task} needs --arch encoder")
     if args.init_rank > args.n_embd:
         raise UsageError(f"--init-rank {args.init_rank} exceeds the smallest adapted dimension, "
                          f"--n-embd {args.n_embd}")
-    n_matrices = args.n_layer * len(args.target_list)
-    args.budget_total = args.budget or args.ref_rank * n_matrices
-    args.rank_step_k = args.rank_step or max(1, args.ref_rank // 2)
-    if args.init_rank * n_matrices > args.budget_total:
-        raise UsageError(f"budget {args.budget_total} is below the initial total rank {args.init_rank} x "
+    n_matrices = args.n_layer * len(args.targets)
+    args.budget = args.budget or triadapt.default_budget(args.ref_rank, n_matrices)
+    args.rank_step = args.rank_step or triadapt.default_rank_step(args.ref_rank)
+    if args.init_rank * n_matrices > args.budget:
+        raise UsageError(f"budget {args.budget} is below the initial total rank {args.init_rank} x "
                          f"{n_matrices} matrices = {args.init_rank * n_matrices}")
     check_adalora(args)
     changed = (("core", args.core != "triangular"), ("importance", args.importance != "frobenius"),
                ("advance", args.advance))
     ablation = [flag(k) for k, v in changed if v]
-    if ablation and not set(args.schedules) & set(triadapt.SCHEDULES):
+    if ablation and not set(args.schedule) & set(triadapt.SCHEDULES):
         raise UsageError(f"{ablation[0]} changes the linear, exponential and topk schedules only "
                          f"(increlora has its own choices)")
     validate_processes(args)
-    # data files: read once here, so that a bad file costs nothing
-    args.finetune_text = args.base_text = None
-    for name, attr in (("data", "finetune_text"), ("base_data", "base_text")):
-        path = getattr(args, name)
-        if path is not None:
-            text = data.read_text_file(path)
-            data.check_length(text, args.block_size, f"data file {path}")
-            setattr(args, attr, text)
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         raise UsageError(f"--out-dir {args.out_dir} is a file, not a folder")
-    check_resume(args)
 
 
 def take_shape_from_gpt2(args, explicit):
@@ -339,101 +341,100 @@ def validate_processes(args):
     if cuda and args.world > 1 and int(local) > torch.cuda.device_count():
         raise UsageError(f"{local} processes on this machine, but only "
                          f"{torch.cuda.device_count()} GPU(s): one GPU per process")
-    args.device_name = (f"cuda:{args.local_rank}" if args.world > 1 else "cuda") if cuda else "cpu"
     if args.dtype == "bf16" and cuda and not torch.cuda.is_bf16_supported():
         raise UsageError("--dtype bf16 is not supported on this GPU (use --dtype float32)")
     if args.dtype == "auto":
         args.dtype = "bf16" if cuda and torch.cuda.is_bf16_supported() else "float32"
+    args.device = (f"cuda:{args.local_rank}" if args.world > 1 else "cuda") if cuda else "cpu"
 
 
 def check_adalora(args):
     """AdaLoRA starts every matrix at --adalora-init-rank triplets and prunes to the budget by step
     --iters - --final-warmup: both must leave room for that."""
-    n_matrices = args.n_layer * len(args.target_list)
-    args.adalora_rank = args.adalora_init_rank or max(1, (3 * args.ref_rank) // 2)
-    args.adalora_final = args.iters // 6 if args.final_warmup is None else args.final_warmup
-    if "adalora" not in args.schedules:
+    n_matrices = args.n_layer * len(args.targets)
+    args.adalora_init_rank = args.adalora_init_rank or baselines.default_adalora_rank(args.ref_rank)
+    if args.final_warmup is None:
+        args.final_warmup = baselines.default_final_warmup(args.iters)
+    if "adalora" not in args.schedule:
         return
-    if args.adalora_rank > args.n_embd:
-        raise UsageError(f"--adalora-init-rank {args.adalora_rank} exceeds the smallest adapted dimension, "
+    if args.adalora_init_rank > args.n_embd:
+        raise UsageError(f"--adalora-init-rank {args.adalora_init_rank} exceeds the smallest adapted dimension, "
                          f"--n-embd {args.n_embd}")
-    if args.adalora_rank * n_matrices < args.budget_total:
-        raise UsageError(f"adalora starts with {args.adalora_rank} x {n_matrices} = "
-                         f"{args.adalora_rank * n_matrices} triplets, below the budget {args.budget_total}: "
+    if args.adalora_init_rank * n_matrices < args.budget:
+        raise UsageError(f"adalora starts with {args.adalora_init_rank} x {n_matrices} = "
+                         f"{args.adalora_init_rank * n_matrices} triplets, below the budget {args.budget}: "
                          f"it could only prune")
-    if args.warmup + args.adalora_final >= args.iters:
-        raise UsageError(f"--warmup {args.warmup} + --final-warmup {args.adalora_final} "
+    if args.warmup + args.final_warmup >= args.iters:
+        raise UsageError(f"--warmup {args.warmup} + --final-warmup {args.final_warmup} "
                          f"leave no pruning steps in --iters {args.iters}")
 
 
-def check_resume(args):
-    """With --resume: which runs are finished, interrupted or not begun; their settings must match."""
-    args.status = {s: run_status(args, s) if args.resume else "new" for s in args.schedules}
-    if not args.resume:
-        return
-    partial = glob.glob(os.path.join(args.out_dir, "base", "*.partial.pt"))
-    if all(s == "new" for s in args.status.values()) and not partial:
-        path = os.path.join(run_dir(args, args.schedules[0]), "ckpt.pt")
+def resume_command(argv, prog="train.py"):
+    """The command line that continues this one: the same flags, --resume, no --stop-after."""
+    out, skip = [prog], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--stop-after":
+            skip = True
+        elif not a.startswith("--stop-after=") and a != "--resume":
+            out.append(a)
+    return "python " + " ".join(shlex.quote(a) for a in out + ["--resume"])
+
+
+# ----------------------------------------------------------------------------- resuming
+
+def check_resume(s):
+    """{schedule: status}: with --resume, which runs are finished, interrupted or not begun (their
+    settings must match); without it, all new."""
+    status = {schedule: run_status(s, schedule) if s.run.resume else "new" for schedule in s.run.schedule}
+    if not s.run.resume:
+        return status
+    partial = glob.glob(os.path.join(s.run.out_dir, "base", "*.partial.pt"))
+    if all(v == "new" for v in status.values()) and not partial:
+        path = os.path.join(run_dir(s, s.run.schedule[0]), "ckpt.pt")
         raise UsageError(f"nothing to resume: checkpoint {path} does not exist, "
                          f"nor an interrupted pretraining")
+    return status
 
 
-def run_status(args, schedule):
+def run_status(s, schedule):
     """"done" (metrics.json written after the last step), "resume" (a checkpoint) or "new"."""
-    path = os.path.join(run_dir(args, schedule), "ckpt.pt")
+    path = os.path.join(run_dir(s, schedule), "ckpt.pt")
     if not os.path.exists(path):
         return "new"
     ckpt = load_checkpoint(path)
-    if not isinstance(ckpt, dict) or "step" not in ckpt or "args" not in ckpt:
+    if not isinstance(ckpt, dict) or "step" not in ckpt or "settings" not in ckpt:
         raise UsageError(f"checkpoint {path} is not a training checkpoint")
     if ckpt.get("schedule") != schedule:
         raise UsageError(f"checkpoint {path} is from schedule {ckpt.get('schedule')!r}, not {schedule!r}")
-    check_same_settings(ckpt["args"], args, path, schedule)
-    finished = os.path.exists(os.path.join(run_dir(args, schedule), "metrics.json"))
-    done = ckpt["step"] >= args.iters and finished
-    return "done" if done else "resume"
+    check_same_settings(ckpt["settings"], s, path, schedule)
+    finished = os.path.exists(os.path.join(run_dir(s, schedule), "metrics.json"))
+    return "done" if ckpt["step"] >= s.optim.iters and finished else "resume"
 
 
-def check_same_settings(saved, args, path, schedule):
-    keys = TRAJECTORY + (() if args.init_from else PRETRAIN_TRAJECTORY)
+def check_same_settings(saved, s, path, schedule):
+    """The resolved settings that shape a run's trajectory must be the checkpoint's."""
+    keys = TRAJECTORY + (() if s.model.init_from else PRETRAIN_TRAJECTORY)
     keys += ADAPTER_TRAJECTORY if schedule != "full" else ()
     keys += GROWTH_TRAJECTORY if schedule in triadapt.SCHEDULES else ()
     keys += tuple(k for k in GROWTH_TRAJECTORY if k not in INCRELORA_FIXED) if schedule == "increlora" else ()
     keys += ADALORA_TRAJECTORY if schedule == "adalora" else ()
-    defaults = build_parser()
+    now = s.public()
     for key in keys:
-        value = saved.get(key, defaults.get_default(key))  # a flag newer than the checkpoint had its default
-        if value != getattr(args, key):
-            raise UsageError(f"checkpoint {path} was made with {flag(key)} {value}, not {getattr(args, key)}")
+        if saved.get(key) != now[key]:
+            raise UsageError(f"checkpoint {path} was made with {flag(key)} {show(saved.get(key))}, "
+                             f"not {show(now[key])}")
 
 
-def run_name(args, schedule):
-    """The schedule, with the growth options that differ from TriAdaptLoRA's defaults: linear-diagonal,
-    linear-sensitivity-bw20-advance, ... (so variants share an --out-dir without mixing)."""
-    if schedule == "increlora" and args.block_warmup not in (None, 10):
-        return f"increlora-bw{args.block_warmup}"
-    if schedule not in triadapt.SCHEDULES:
-        return schedule
-    parts = [schedule] + [v for v, default in ((args.core, "triangular"), (args.importance, "frobenius"))
-                          if v != default]
-    parts += [f"bw{args.block_warmup}"] if args.block_warmup else []
-    parts += ["advance"] if args.advance else []
-    return "-".join(parts)
+def show(value):
+    """A setting as its flag would write it (--targets q_proj,v_proj)."""
+    return ",".join(value) if isinstance(value, list) else value
 
 
-def run_dir(args, schedule):
-    name = run_name(args, schedule)
-    return os.path.join(args.out_dir, name if args.task == "lm" else f"{args.task}-{name}")
-
-
-def make_out_dir(args):
+def make_out_dir(s):
     """The first write of a run: after every check has passed."""
     try:
-        os.makedirs(args.out_dir, exist_ok=True)
+        os.makedirs(s.run.out_dir, exist_ok=True)
     except OSError as e:
-        raise UsageError(f"--out-dir {args.out_dir} cannot be created: {e.strerror}") from None
-
-
-def public_args(args):
-    """The settings a checkpoint and metrics.json keep: every flag, without the corpora's text."""
-    return {k: v for k, v in vars(args).items() if k not in ("finetune_text", "base_text", "status")}
+        raise UsageError(f"--out-dir {s.run.out_dir} cannot be created: {e.strerror}") from None

@@ -287,17 +287,16 @@ def settings(m):
     if schedule == "lora":
         parts.append(f"r {c.get('ref_rank')}, alpha {c.get('alpha')}")
     elif schedule in ("linear", "exponential", "topk", "increlora"):
-        k = c.get("rank_step") or max(1, (c.get("ref_rank") or 2) // 2)  # triadapt.RankAllocator's default k
-        parts += [f"r_ref {c.get('ref_rank')}", f"budget {c.get('budget_total')}", f"k0 {c.get('init_rank')}",
-                  f"k {k}", f"t_w {c.get('warmup')}", f"dt {c.get('interval')}"]
+        parts += [f"r_ref {c.get('ref_rank')}", f"budget {c.get('budget')}", f"k0 {c.get('init_rank')}",
+                  f"k {c.get('rank_step')}", f"t_w {c.get('warmup')}", f"dt {c.get('interval')}"]
         parts += [f"K {c.get('top_k')}"] if schedule == "topk" else []
         variant = [f"{c.get(key)}" for key, default in (("core", "triangular"), ("importance", "frobenius"))
                    if c.get(key, default) != default] + (["advance"] if c.get("advance") else [])
         parts += variant + ([f"block warmup {c.get('block_warmup')}"] if c.get("block_warmup") else [])
         parts.append(f"orth {c.get('orth_reg')}")
     elif schedule == "adalora":
-        parts += [f"r_ref {c.get('ref_rank')}", f"from {c.get('adalora_rank')} a matrix to budget "
-                  f"{c.get('budget_total')}", f"t_i {c.get('warmup')}", f"t_f {c.get('adalora_final')}",
+        parts += [f"r_ref {c.get('ref_rank')}", f"from {c.get('adalora_init_rank')} a matrix to budget "
+                  f"{c.get('budget')}", f"t_i {c.get('warmup')}", f"t_f {c.get('final_warmup')}",
                   f"dt {c.get('interval')}", f"orth {c.get('orth_reg')}"]
     return ", ".join(parts)
 

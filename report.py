@@ -21,9 +21,9 @@ import torch
 import adapters
 import plot
 import tasks
+from options import TARGETS
 import tensorfile
 import triadapt
-from options import TARGETS, public_args
 
 
 def atomic_save(obj, path, writer=None):
@@ -40,29 +40,29 @@ def save_text(text, path):
     atomic_save(text, path, lambda o, fh: fh.write(o.encode()))
 
 
-def report(args, run, folder, base_ckpt):
+def report(s, run, folder, base_ckpt):
     """Evaluate the finished run on val and test, write its three files, print its summary; returns
     the metrics."""
-    model, layers, task, before = run.model, run.layers, run.task, run.extra["before"]
+    model, layers, task, before = run.model, run.layers, run.task, run.before
     val, test = task.evaluate(model, "val"), task.evaluate(model, "test")
-    metrics = {"schedule": run.extra["schedule"], "run": run.name, "val_loss_before": before["loss"],
+    metrics = {"schedule": run.schedule, "run": run.name, "val_loss_before": before["loss"],
                "val_loss": val["loss"], "test_loss": test["loss"],
                "trainable_params": triadapt.count_trainable(model),
-               "max_trainable_params": run.extra["max_held"],
+               "max_trainable_params": run.max_held,
                "peak_lr": run.peak_lr,
                "rank_pattern": {n: l.rank for n, l in layers.items()},
                "total_rank": sum(l.rank for l in layers.values()),
                "block_sizes": {n: list(l.block_sizes) for n, l in layers.items()
                                if hasattr(l, "block_sizes")},
                "growth_events": run.allocator.events if run.allocator else [], "seconds": run.seconds,
-               "world_size": args.world, "config": public_args(args), "history": run.history}
+               "world_size": s.system.world, "config": s.public(), "history": run.history}
     for key in [k for k in val if k != "loss"]:  # acc, and the task's own metric (mcc, f1)
         metrics.update({f"val_{key}_before": before[key], f"val_{key}": val[key], f"test_{key}": test[key]})
         if f"test_{key}" in before:
             metrics[f"test_{key}_before"] = before[f"test_{key}"]
     if hasattr(task, "metric"):
         metrics["metric"] = task.metric
-    adapter_path = save_adapter(args, run, folder, base_ckpt)  # before metrics.json, which marks the run done
+    adapter_path = save_adapter(s, run, folder, base_ckpt)  # before metrics.json, which marks the run done
     save_json(metrics, os.path.join(folder, "metrics.json"))
     # the picture is drawn from metrics.json alone
     save_text(plot.run_report(metrics, folder), os.path.join(folder, "report.svg"))
@@ -74,13 +74,14 @@ def report(args, run, folder, base_ckpt):
         print(f"final ranks (total {metrics['total_rank']}):\n{rank_table(layers)}")
     print(adapter_line(adapter_path, base_ckpt.get("path"), run.name))
     print(f"picture: {os.path.join(folder, 'report.svg')}")
-    if args.task == "lm" and args.arch == "gpt" and args.sample_len:
-        gen = torch.Generator(device=args.device_name).manual_seed(args.seed)
-        tok = tasks.tokenizer(args.init_from)  # GPT-2's BPE for a GPT-2 base, else bytes
-        prompt = torch.tensor([tasks.encode("The ", tok)], device=args.device_name)
+    device = s.system.device
+    if s.data.task == "lm" and s.model.arch == "gpt" and s.run.sample_len:
+        gen = torch.Generator(device=device).manual_seed(s.optim.seed)
+        tok = tasks.tokenizer(s.model.init_from)  # GPT-2's BPE for a GPT-2 base, else bytes
+        prompt = torch.tensor([tasks.encode("The ", tok)], device=device)
         model.eval()
-        with tasks.amp(args.device_name, args.dtype):
-            out = model.generate(prompt, args.sample_len, temperature=0.8, top_k=50, generator=gen)
+        with tasks.amp(device, s.system.dtype):
+            out = model.generate(prompt, s.run.sample_len, temperature=0.8, top_k=50, generator=gen)
         print("sample:\n" + tasks.decode(out[0].tolist(), tok))
     return metrics
 
@@ -96,15 +97,15 @@ def state_fingerprint(state):
     return h.hexdigest()
 
 
-def save_adapter(args, run, folder, base_ckpt):
+def save_adapter(s, run, folder, base_ckpt):
     """<folder>/adapter.pt, written atomically: what the run trained (the adapter factors with their block
     sizes, and a classifier's new head), the settings that rebuild it, and the path and fingerprint of
     the base it belongs to; sample.py loads it. Full fine-tuning trains every weight, so its "adapter"
     is the whole state_dict."""
-    model, full = run.model, run.extra["schedule"] == "full"
+    model, full = run.model, run.schedule == "full"
     head = model.cls_head.state_dict() if model.cls_head is not None and not full else None
-    adapter = {"format": adapters.FORMAT, "schedule": run.extra["schedule"], "run": run.name,
-               "arch": args.arch, "task": args.task, "targets": list(args.target_list),
+    adapter = {"format": adapters.FORMAT, "schedule": run.schedule, "run": run.name,
+               "arch": s.model.arch, "task": s.data.task, "targets": list(s.adapter.targets),
                "n_classes": model.config.n_classes, "model_config": asdict(model.config),
                "layers": adapters.adapter_state(run.layers),  # {name: kind, settings and values}
                "cls_head": {k: v.detach().cpu() for k, v in head.items()} if head else None,

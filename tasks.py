@@ -69,29 +69,35 @@ def decode(ids, tok=None):
     return data.decode(ids) if tok is None else tok.decode([int(i) for i in ids])
 
 
-def read_corpora(args):
+def read_corpora(d, arch):
     """What a run trains on, read and checked before anything is written: (base, fine-tuning), where
     base is (text, source, cache name) and fine-tuning the same, or the classification splits.
-    `args` needs arch, task, block_size, and the texts and paths of --base-data and --data (or None)."""
-    holdout = data.glue_holdout_files() if args.arch == "encoder" else ()  # one base for every task
-    if args.base_text is not None:
-        base = (args.base_text, args.base_data, "base-file")
+    d: settings.DataSettings (task, block_size, and the --data and --base-data files, or None)."""
+    holdout = data.glue_holdout_files() if arch == "encoder" else ()  # one base for every task
+    if d.base_data is not None:
+        base = (read_checked(d.base_data, d.block_size), d.base_data, "base-file")
     else:
         text, src = data.base_corpus(exclude=holdout)
-        data.check_length(text, args.block_size, "the standard library's sources")
+        data.check_length(text, d.block_size, "the standard library's sources")
         base = (text, src, ("encoder-" if holdout else "") + "base")
-    if args.task in GLUE_TASKS:
-        splits = glue_splits(args.task, args.block_size)
+    if d.task in GLUE_TASKS:
+        splits = glue_splits(d.task, d.block_size)
         empty = [s for s, (x, _) in splits.items() if len(x) == 0]
         if empty:
-            raise data.DataError(f"--block-size {args.block_size} leaves no {args.task} example "
+            raise data.DataError(f"--block-size {d.block_size} leaves no {d.task} example "
                                  f"in the {empty[0]} split")
         return base, splits
-    if args.finetune_text is not None:
-        return base, (args.finetune_text, args.data, "finetune-file")
+    if d.data is not None:
+        return base, (read_checked(d.data, d.block_size), d.data, "finetune-file")
     text, src = data.finetune_corpus()
-    data.check_length(text, args.block_size, f"the fine-tuning corpus ({src})")
+    data.check_length(text, d.block_size, f"the fine-tuning corpus ({src})")
     return base, (text, src, "finetune")
+
+
+def read_checked(path, block_size):
+    text = data.read_text_file(path)
+    data.check_length(text, block_size, f"data file {path}")
+    return text
 
 
 # ----------------------------------------------------------------------------- the small GLUE
@@ -107,32 +113,19 @@ QUOTA = {"train": 100_000, "val": 1000, "test": 1000}  # rows per split at most,
 PER_FILE = {"val": 40, "test": 40}  # rows from one file at most: no file dominates val or test (train: all)
 Example = collections.namedtuple("Example", "text label file line note")
 Example.__doc__ = """One example, as text before clipping and padding. line: where in file the snippet
-(cola, package) or the call (pairs) starts. note: cola, the corruption of a negative ("" for a
+(cola) or the call (pairs) starts. note: cola, the corruption of a negative ("" for a
 positive); pairs, the line of the def shown."""
-
-
-def package_examples(block_size, max_per_class=None):
-    """package_picks as Examples (for their files; their text is decoded for reading only)."""
-    out = {}
-    for split, per_label in package_picks(block_size, max_per_class).items():
-        out[split] = []
-        for label, (chunks, paths, offsets) in enumerate(per_label):
-            for c, p, o in zip(chunks, paths, offsets):
-                line = open(p, "rb").read(o).count(b"\n") + 1
-                out[split].append(Example(data.decode(c), label, p, line, ""))
-    return out
 
 
 @functools.lru_cache(maxsize=16)
 def glue_examples(task, block_size, max_train=None):
-    """{split: tuple of Example} of a task in GLUE_TASKS, the same at every call. Every split draws on
-    its own files (stdlib_split_of), holds as many examples of each label, and QUOTA of them at most;
-    max_train, when given, replaces the train quota (package: max_train // 8 per label, else all)."""
+    """{split: tuple of Example} of cola or pairs, the same at every call. Every split draws on its own
+    files (stdlib_split_of), holds as many examples of each label, and QUOTA of them at most; max_train,
+    when given, replaces the train quota. package has no Examples: glue_splits takes its rows as bytes."""
     if task not in GLUE_TASKS:
         raise data.DataError(f"unknown task {task!r}; the tasks are {', '.join(GLUE_TASKS)}")
     if task == "package":
-        per_class = max_train // len(data.CLASS_PACKAGES) if max_train else None
-        return {s: tuple(e) for s, e in package_examples(block_size, per_class).items()}
+        raise data.DataError("task package has no Examples: its rows are its files' bytes (package_picks)")
     if block_size < 32:
         raise data.DataError(f"task {task} needs a --block-size of 32 at least, not {block_size}")
     build = cola_split if task == "cola" else pairs_split
@@ -564,15 +557,14 @@ def amp(device, dtype):
 
 
 class LMTask:
-    """Next-byte prediction on a cached corpus. `args` needs batch_size, block_size, eval_iters,
-    device_name and dtype; evaluation uses the same windows every time (a generator of its own)."""
+    """Next-byte prediction on a cached corpus, batches and evaluation as d (settings.DataSettings) says,
+    evaluated on `device` under `dtype`; the same windows every time (a generator of its own)."""
 
-    def __init__(self, splits, args):
-        self.splits, self.args = splits, args
+    def __init__(self, splits, d, device, dtype):
+        self.splits, self.d, self.device, self.dtype = splits, d, device, dtype
 
     def batch(self, split, gen):
-        args = self.args
-        return data.get_batch(self.splits[split], args.batch_size, args.block_size, gen)  # CPU (B, T)
+        return data.get_batch(self.splits[split], self.d.batch_size, self.d.block_size, gen)  # CPU (B, T)
 
     def count(self, y):
         """Targets in y: a slice's weight in the mean loss of the whole batch."""
@@ -584,14 +576,14 @@ class LMTask:
     @torch.no_grad()
     def evaluate(self, model, split):
         model.eval()
-        gen, device = torch.Generator().manual_seed(1234), self.args.device_name
+        gen, device = torch.Generator().manual_seed(1234), self.device
         total = torch.zeros((), device=device)
-        for _ in range(self.args.eval_iters):
+        for _ in range(self.d.eval_iters):
             x, y = (data.to_device(t, device) for t in self.batch(split, gen))
-            with amp(device, self.args.dtype):
+            with amp(device, self.dtype):
                 total += self.loss(model, x, y).float()
         model.train()
-        return {"loss": total.item() / self.args.eval_iters}  # one host sync per evaluation
+        return {"loss": total.item() / self.d.eval_iters}  # one host sync per evaluation
 
 
 class MLMTask(LMTask):
@@ -611,12 +603,12 @@ class ClassifyTask:
     the whole split, and the task's own metrics (`extra`). `metric` names the one a table reports."""
     metric, n_classes, extra = "acc", len(data.CLASS_PACKAGES), ()
 
-    def __init__(self, splits, args):
-        self.splits, self.args = splits, args
+    def __init__(self, splits, d, device, dtype):
+        self.splits, self.d, self.device, self.dtype = splits, d, device, dtype
 
     def batch(self, split, gen):
         x, y = self.splits[split]
-        ix = torch.randint(len(x), (self.args.batch_size,), generator=gen)
+        ix = torch.randint(len(x), (self.d.batch_size,), generator=gen)
         return x[ix], y[ix]  # CPU (B, T), (B,)
 
     def count(self, y):
@@ -629,11 +621,11 @@ class ClassifyTask:
     def evaluate(self, model, split):
         model.eval()
         x, y = self.splits[split]
-        device = self.args.device_name
+        device = self.device
         loss, preds = torch.zeros((), device=device), []
         for i in range(0, len(x), 256):
             xb, yb = data.to_device(x[i:i + 256], device), data.to_device(y[i:i + 256], device)
-            with amp(device, self.args.dtype):
+            with amp(device, self.dtype):
                 logits, l = model.classify(xb, yb)
             loss += l.float() * len(xb)
             preds.append(logits.argmax(-1))  # (b,)

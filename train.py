@@ -9,9 +9,10 @@ Pretrain a small transformer, then fine-tune it through growing triangular adapt
     python train.py --arch encoder --task cola         # BERT-style encoder: cola, pairs or package
     torchrun --standalone --nproc_per_node=2 train.py  # the same run on 2 processes (DDP)
 
-The flow: (1) read, check and cache the two corpora (data.py); (2) pretrain a base model on the
-base corpus, or reuse the one saved under --out-dir/base for the same settings; (3) for each
---schedule: load the base, freeze it, inject adapters (triadapt.py), and train --iters steps of
+The flow: (0) resolve the command line into settings (options.py, settings.py); (1) read, check and
+cache the two corpora (data.py, tasks.py); (2) pretrain a base model on the base corpus, or reuse
+the one saved under --out-dir/base for the same settings (checkpoint.py); (3) for each --schedule:
+load the base, freeze it, inject adapters (triadapt.py), and train --iters steps of
 
     loss = task_loss + orth_reg * R_orth            # R_orth only for the triangular schedules
     lr(t) = linear warmup, then cosine decay to lr / 10, set on every param group each step
@@ -22,22 +23,15 @@ write <out-dir>/<run>/metrics.json, report.svg and adapter.pt (report.py) and ck
 schedules also get one picture side by side, <out-dir>/comparison.svg. Pretraining and
 fine-tuning share one loop (train_loop), which checkpoints every --eval-interval steps; a
 checkpoint holds everything needed to continue bit-for-bit (--resume): parameters, growth events,
-optimizer and allocator state, RNG states and the history so far.
-
-Several processes (torchrun): --batch-size is the global batch. Every process draws the same
-global batch and trains on its own 1/N of it, in --grad-accum micro-steps, each weighted by its
-share of the batch's targets, so gradients, growth decisions and logged losses equal one process's
-up to the order of float sums.
+optimizer and allocator state, RNG states and the history so far (checkpoint.py). Several
+processes (torchrun) split every global batch between them (processes.py).
 """
 import contextlib
-import datetime
 import hashlib
 import json
 import math
 import os
 import random
-import shlex
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -48,21 +42,18 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-import adapters
 import baselines
+import checkpoint
 import data
-import gpt2
-import tasks
 import options
 import plot
+import settings
+import tasks
 import triadapt
 from model import GPT, GPTConfig
-from options import UsageError, load_checkpoint, public_args, run_dir
-from report import atomic_save, comparison_table, report, save_text, state_fingerprint
-
-
-class TrainingError(Exception):
-    """A run that cannot go on (e.g. a non-finite loss): one line, exit status 1."""
+from options import UsageError, load_checkpoint
+from processes import Interrupts, TrainingError, check_in_sync, my_micro_batches, start_processes
+from report import atomic_save, comparison_table, report, save_text
 
 
 # ----------------------------------------------------------------------------- small utilities
@@ -82,130 +73,6 @@ def make_optimizer(params, lr, weight_decay):
     except (RuntimeError, TypeError):
         return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
 
-
-def rng_state(batch_gen):
-    """Every generator's state as tensors and plain values: a checkpoint loads with weights_only=True."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
-            "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "batch": batch_gen.get_state()}
-
-
-def set_rng_state(state, batch_gen):
-    torch.set_rng_state(state["torch"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
-    random.setstate(state["python"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    batch_gen.set_state(state["batch"])
-
-
-def resume_command(argv, prog="train.py"):
-    """The command line that continues this one: the same flags, --resume, no --stop-after."""
-    out, skip = [prog], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--stop-after":
-            skip = True
-        elif not a.startswith("--stop-after=") and a != "--resume":
-            out.append(a)
-    return "python " + " ".join(shlex.quote(a) for a in out + ["--resume"])
-
-
-class Interrupts:
-    """Ctrl-C (or SIGTERM, as torchrun sends on shutdown): finish the step, save, exit with a resume
-    command. A second Ctrl-C exits at once. Under torchrun the processes agree on the step to stop at."""
-
-    def __init__(self, procs):
-        self.procs, self.requested = procs, False
-
-    def __enter__(self):
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def handle(self, signum, frame):
-        # torchrun passes on the Ctrl-C its workers already got: only a later second one means "now"
-        if self.requested and signum == signal.SIGINT and time.time() - self.first > 1.0:
-            print("\nsecond interrupt: exiting now", file=sys.stderr, flush=True)
-            os._exit(130)
-        if not self.requested and self.procs.master:
-            print("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to quit at once)",
-                  file=sys.stderr, flush=True)
-        if not self.requested:
-            self.requested, self.first = True, time.time()
-
-    def agreed(self):
-        """True on every process when any process was interrupted (a CPU all-reduce: no device sync)."""
-        if self.procs.world == 1:
-            return self.requested
-        flag_ = torch.tensor([int(self.requested)])
-        dist.all_reduce(flag_, op=dist.ReduceOp.MAX, group=self.procs.ctrl)
-        return bool(flag_.item())
-
-
-# ----------------------------------------------------------------------------- several processes
-
-@dataclass
-class Procs:
-    """This process's place under torchrun (rank 0 of 1 without it)."""
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    ctrl: object = None  # a gloo group for small CPU messages (stop flags, growth norms)
-
-    @property
-    def master(self):
-        return self.rank == 0
-
-    def barrier(self):
-        if self.world > 1:
-            dist.barrier(group=self.ctrl)
-
-    def mean_over_processes(self, tensors):
-        """The allocator's reduce: IncreLoRA's dL/ddW of each process's share, averaged as DDP does."""
-        for t in tensors:
-            dist.all_reduce(t)
-            t /= self.world
-
-    def broadcast_norms(self, norms):
-        """The allocator's sync: every process scores the norms that rank 0 measured."""
-        if all(torch.is_tensor(v) for v in norms.values()):  # AdaLoRA's per-triplet scores
-            flat = torch.cat([v.reshape(-1) for v in norms.values()]).double().cpu()
-            dist.broadcast(flat, src=0, group=self.ctrl)
-            parts = flat.split([v.numel() for v in norms.values()])
-            return {n: p.to(v.device, v.dtype).view_as(v) for (n, v), p in zip(norms.items(), parts)}
-        values = torch.tensor([norms[n] for n in norms], dtype=torch.float64)
-        dist.broadcast(values, src=0, group=self.ctrl)
-        return dict(zip(norms, values.tolist()))
-
-
-def start_processes(args):
-    if args.world == 1:
-        return Procs()
-    cuda = args.device_name.startswith("cuda")
-    if cuda:
-        torch.cuda.set_device(args.local_rank)
-    timeout = datetime.timedelta(seconds=args.dist_timeout)
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
-    ctrl = dist.new_group(backend="gloo", timeout=timeout) if cuda else dist.group.WORLD
-    return Procs(dist.get_rank(), dist.get_world_size(), args.local_rank, ctrl)
-
-
-def check_in_sync(model, procs, where):
-    """Every process must hold bitwise the same parameters; a drift is a bug, so stop loudly."""
-    if procs.world == 1:
-        return
-    digests = [None] * procs.world
-    dist.all_gather_object(digests, state_fingerprint(dict(model.named_parameters())), group=procs.ctrl)
-    if len(set(digests)) > 1:
-        raise TrainingError(f"{where}: the processes' parameters differ (digests {sorted(set(digests))})")
 
 
 # ----------------------------------------------------------------------------- the training loop
@@ -229,7 +96,9 @@ class Run:
     step: int = 0
     history: list = field(default_factory=list)
     seconds: float = 0.0
-    extra: dict = field(default_factory=dict)  # saved and restored as is (schedule, before, ...)
+    schedule: str = None              # fine-tuning: the schedule, the metrics before it, the most
+    before: dict = None               # trainable numbers held at any step (count_held)
+    max_held: int = 0
     last_good: str = None
 
 
@@ -247,32 +116,25 @@ class Objective(torch.nn.Module):
         return loss, (triadapt.orthogonal_penalty(self.adapters) if self.adapters else None)
 
 
-def wrap(run, args, procs):
+
+def wrap(run, system, procs):
     """What the loop calls: built once a phase, and again only when an adapter's capacity doubled (its
     tensors were re-created). A growth writes in place, so DDP's hooks and a compiled graph stay valid:
     every mask, rank and scale a growth changes is a tensor, never a Python number in the graph."""
     step_fn = Objective(run.model, run.task, run.layers if run.orth_reg else {})
-    if args.compile:
+    if system.compile:
         torch._dynamo.reset()
-        step_fn = torch.compile(step_fn, backend=args.compile_backend, mode=args.compile_mode)
+        step_fn = torch.compile(step_fn, backend=system.compile_backend, mode=system.compile_mode)
     if procs.world > 1:
-        step_fn = DDP(step_fn, device_ids=[procs.local_rank] if args.device_name.startswith("cuda") else None)
+        step_fn = DDP(step_fn, device_ids=[procs.local_rank] if system.device.startswith("cuda") else None)
     return step_fn
-
-
-def my_micro_batches(x, y, task, procs, k):
-    """This process's 1/N of the global batch in k micro-batches, each with its share of the targets."""
-    n = len(x) // procs.world
-    x, y, total = x[procs.rank * n:(procs.rank + 1) * n], y[procs.rank * n:(procs.rank + 1) * n], task.count(y)
-    m = n // k
-    return [(x[i * m:(i + 1) * m], y[i * m:(i + 1) * m], task.count(y[i * m:(i + 1) * m]) / total) for i in range(k)]
 
 
 class Progress:
     """A bar on a terminal; otherwise a line every --log-interval steps. Only rank 0 prints."""
 
-    def __init__(self, run, args, procs):
-        self.run, self.args, self.on = run, args, procs.master
+    def __init__(self, run, s, procs):
+        self.run, self.s, self.on = run, s, procs.master
         tty = self.on and sys.stderr.isatty()
         self.bar = tqdm(total=run.iters, initial=run.step, desc=run.name, dynamic_ncols=True) if tty else None
         self.reset_clock(run.step)
@@ -293,8 +155,8 @@ class Progress:
         stats = dict(loss=f"{entry['train_loss']:.4f}", lr=f"{lr:.2e}", rank=rank, ms=f"{1000 * dt / max(n, 1):.1f}")
         if self.bar is not None:
             self.bar.set_postfix(stats)
-        elif self.on and n and t % self.args.log_interval == 0:
-            tokens = n * self.args.batch_size * self.args.block_size / dt
+        elif self.on and n and t % self.s.run.log_interval == 0:
+            tokens = n * self.s.data.batch_size * self.s.data.block_size / dt
             print(f"[{self.run.name}] step {t}/{self.run.iters} | loss {stats['loss']} | lr {stats['lr']} | "
                   f"rank {rank} | {stats['ms']} ms/step | {tokens:,.0f} tok/s", flush=True)
         self.reset_clock(t)
@@ -306,35 +168,6 @@ class Progress:
     def close(self):
         if self.bar is not None:
             self.bar.close()
-
-
-def checkpoint_state(run, args, t0):
-    return {"name": run.name, "args": public_args(args), "model_config": asdict(run.model.config),
-            "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-            "allocator": run.allocator.state_dict() if run.allocator else None,
-            "rank_pattern": {n: list(getattr(l, "block_sizes", [l.rank])) for n, l in run.layers.items()},
-            "step": run.step, "rng": rng_state(run.batch_gen), "history": run.history,
-            "seconds": run.seconds + time.time() - t0, **run.extra}
-
-
-def trainable(model):
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def restore(run, ckpt, path):
-    """Growth first (capacities and masks), then the model's and optimizer's state, then the rest."""
-    if run.allocator is not None:  # it replays the growths, and puts re-created tensors in the optimizer
-        run.allocator.load_state_dict(ckpt["allocator"])
-    try:
-        run.model.load_state_dict(ckpt["model"])
-    except RuntimeError:
-        raise UsageError(f"checkpoint {path} does not fit this model: it was written before adapters had a fixed "
-                         f"capacity and masks (start the run again without --resume)") from None
-    run.optimizer.load_state_dict(ckpt["optimizer"])
-    set_rng_state(ckpt["rng"], run.batch_gen)
-    run.step, run.history, run.seconds = ckpt["step"], ckpt["history"], ckpt["seconds"]
-    run.extra = {k: ckpt.get(k, v) for k, v in run.extra.items()}
-    run.last_good = path
 
 
 def flush(run, pending, procs):
@@ -360,154 +193,151 @@ def flush(run, pending, procs):
                             f"last good checkpoint: {run.last_good or 'none yet'}")
 
 
-def forward_backward(step_fn, run, args, procs, autocast):
-    """This process's share of one global batch, in --grad-accum micro-steps; returns the batch's loss."""
-    x, y = run.task.batch("train", run.batch_gen)  # the global batch, alike on every process
+def train_step(step_fn, optimizer, micro, orth_reg=0.0, autocast=contextlib.nullcontext(), world=1):
+    """One optimizer step, as every run (and bench.py) takes it: forward/backward over this process's
+    micro-batches `micro`, [(x, y, share of the global batch's targets)] on the device, the objective
+    loss + orth_reg * R_orth; gradient clipping to norm 1; AdamW. The caller sets the lr before and
+    zero_grads after (the allocator reads the gradients in between). Returns the global batch's loss
+    (this process's part of it) and the gradient norm, both still on the device."""
     step_loss = 0.0
-    for i, (xm, ym, share) in enumerate(my_micro_batches(x, y, run.task, procs, args.grad_accum)):
-        last = i == args.grad_accum - 1
-        with step_fn.no_sync() if procs.world > 1 and not last else contextlib.nullcontext():
+    for i, (x, y, share) in enumerate(micro):
+        with step_fn.no_sync() if world > 1 and i < len(micro) - 1 else contextlib.nullcontext():
             with autocast:
-                loss, penalty = step_fn(data.to_device(xm, args.device_name), data.to_device(ym, args.device_name))
-            # DDP averages gradients over processes; the shares sum to 1 over all of them
-            objective = loss * (share * procs.world)
+                loss, penalty = step_fn(x, y)
+            objective = loss * (share * world)  # DDP averages over processes; the shares sum to 1 over all
             if penalty is not None:
-                objective = objective + run.orth_reg * penalty / args.grad_accum
+                objective = objective + orth_reg * penalty / len(micro)
             objective.backward()
         step_loss = step_loss + loss.detach().float() * share
-    return step_loss
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
+    optimizer.step()
+    return step_loss, grad_norm
 
 
-def stop_here(run, args, t0, procs, stop, progress):
+def my_batch(run, s, procs):
+    """This process's micro-batches of the next global batch (alike on every process), on the device."""
+    x, y = run.task.batch("train", run.batch_gen)
+    return [(data.to_device(xm, s.system.device), data.to_device(ym, s.system.device), share)
+            for xm, ym, share in my_micro_batches(x, y, run.task, procs, s.optim.grad_accum)]
+
+
+def stop_here(run, s, t0, procs, stop, progress):
     """Save and exit, after an interrupt (status 130) or at --stop-after (status 0)."""
-    path = save(run, args, t0, procs)
+    path = save(run, s, t0, procs)
     progress.close()
     if procs.master:
         print(f"[{run.name}] stopped after step {run.step}; checkpoint {path}\n"
-              f"resume with: {args.resume_command}", flush=True)
+              f"resume with: {s.run.resume_command}", flush=True)
     procs.barrier()
     raise SystemExit(130 if stop.requested else 0)
 
 
-def train_loop(run, args, procs):
+def train_loop(run, s, procs):
     """Steps run.step + 1 .. run.iters, each: lr, forward/backward, clip, step, grow, log/eval/checkpoint."""
-    model, opt, autocast = run.model, run.optimizer, tasks.amp(args.device_name, args.dtype)
-    params = trainable(model)  # the same tensors all run long, unless a capacity doubles
-    step_fn, pending, t0 = wrap(run, args, procs), [], time.time()
-    progress = Progress(run, args, procs)
+    model, opt, autocast = run.model, run.optimizer, tasks.amp(s.system.device, s.system.dtype)
+    step_fn, pending, t0 = wrap(run, s.system, procs), [], time.time()
+    progress = Progress(run, s, procs)
     with Interrupts(procs) as stop:
         for t in range(run.step + 1, run.iters + 1):
-            # lr: a pure function of the step, set on every param group
-            lr = get_lr(t, run.peak_lr, run.lr_warmup, run.iters)
+            lr = get_lr(t, run.peak_lr, run.lr_warmup, run.iters)  # a pure function of the step, on every group
             for g in opt.param_groups:
                 g["lr"] = lr
-            # forward/backward, clip, step
-            step_loss = forward_backward(step_fn, run, args, procs, autocast)
-            grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
-            opt.step()
+            step_loss, grad_norm = train_step(step_fn, opt, my_batch(run, s, procs), run.orth_reg, autocast,
+                                              procs.world)
             # grow: after the step, before zero_grad (AdaLoRA reads this step's gradients); in place
             if run.allocator is not None and run.allocator.update_and_allocate(t):
                 if run.allocator.recreated:  # a capacity doubled: the optimizer follows, the wrappers not
-                    params, step_fn = trainable(model), wrap(run, args, procs)
-                run.extra["max_held"] = max(run.extra.get("max_held", 0), count_held(model))
+                    step_fn = wrap(run, s.system, procs)
+                run.max_held = max(run.max_held, count_held(model))
             opt.zero_grad(set_to_none=True)
             # log/eval/checkpoint: losses stay on the device until a read-back
             run.step = t
             run.history.append({"step": t, "train_loss": None, "total_rank": sum(l.rank for l in run.layers.values())})
             pending.append(torch.stack([step_loss, grad_norm.float()]))
             progress.step()
-            evaluate, stopping = t % args.eval_interval == 0 or t == run.iters, stop.agreed() or t == args.stop_after
-            if evaluate or stopping or t % args.log_interval == 0:
+            evaluate = t % s.run.eval_interval == 0 or t == run.iters
+            stopping = stop.agreed() or t == s.run.stop_after
+            if evaluate or stopping or t % s.run.log_interval == 0:
                 flush(run, pending, procs)
                 progress.log(t, lr)
             if evaluate:
                 if procs.master:
                     run.history[-1]["val_loss"] = run.task.evaluate(model, "val")["loss"]
                     progress.write(f"[{run.name}] step {t}: val loss {run.history[-1]['val_loss']:.4f}")
-                run.last_good = save(run, args, t0, procs)
+                run.last_good = save(run, s, t0, procs)
             if stopping:
-                stop_here(run, args, t0, procs, stop, progress)
+                stop_here(run, s, t0, procs, stop, progress)
             if evaluate:
                 progress.reset_clock(t)
     progress.close()
     run.seconds += time.time() - t0
 
 
-def save(run, args, t0, procs):
+def save(run, s, t0, procs):
     check_in_sync(run.model, procs, f"[{run.name}] step {run.step}")
     if procs.master:
-        atomic_save(checkpoint_state(run, args, t0), run.ckpt_path)
+        atomic_save(checkpoint.checkpoint_state(run, s, t0), run.ckpt_path)
     return run.ckpt_path
 
 
 # ----------------------------------------------------------------------------- data and pretraining
 
-def cache_corpora(args, procs, base, finetune):
+def cache_corpora(s, procs, base, finetune):
     """Rank 0 writes the caches while the others wait; then everyone opens them. A GPT-2 base's text is
     cached as its BPE's token ids."""
-    cache, tokenizer = os.path.join(args.out_dir, "data"), tasks.tokenizer(args.init_from)
+    cache, tokenizer = os.path.join(s.run.out_dir, "data"), tasks.tokenizer(s.model.init_from)
     for turn in ("master", "others"):
         if procs.master == (turn == "master"):
             base_splits = data.build_cache(base[2], base[0], base[1], cache)
-            if args.task in tasks.GLUE_TASKS:
+            if s.data.task in tasks.GLUE_TASKS:
                 ft_splits = finetune
             else:
                 name = finetune[2] + ("-bpe" if tokenizer is not None else "")
                 ft_splits = data.build_cache(name, finetune[0], finetune[1], cache, tokenizer)
         procs.barrier()
     if tokenizer is not None:  # the text's bytes were checked against the block; its tokens are fewer
-        data.check_length(np.concatenate(list(ft_splits.values())), args.block_size, f"{finetune[1]} in tokens")
+        data.check_length(np.concatenate(list(ft_splits.values())), s.data.block_size, f"{finetune[1]} in tokens")
     return base_splits, ft_splits, hashlib.sha256(base[0]).hexdigest()
 
 
-def model_config(args):
-    return GPTConfig(vocab_size=257 if args.arch == "encoder" else 256, block_size=args.block_size,
-                     n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
-                     bidirectional=args.arch == "encoder")
+def make_task(s, splits, pretraining=False):
+    """The fine-tuning task of settings `s` on `splits` (or, pretraining, the base's: next or masked
+    bytes). An encoder sees the future, so on text it can only learn masked bytes."""
+    where = (splits, s.data, s.system.device, s.system.dtype)
+    if s.data.task in tasks.GLUE_TASKS and not pretraining:
+        return tasks.GLUE_TASK_CLASSES[s.data.task](*where)
+    return (tasks.MLMTask if s.model.arch == "encoder" else tasks.LMTask)(*where)
 
 
-GPT2_FIELDS = {"gelu_approximate": GPTConfig.gelu_approximate, "ln_eps": GPTConfig.ln_eps}
-
-
-def pretrain(args, procs, base_splits, digest):
+def pretrain(s, procs, base_splits, digest):
     """Train the base model from scratch (continuing an interrupted pretraining of the same settings),
     or load the one saved for these settings; returns its checkpoint, with its file's path as "path"."""
-    if gpt2.is_folder(args.init_from):  # a GPT-2 folder: its weights, read from safetensors
-        try:
-            model = gpt2.from_pretrained(args.init_from)
-        except gpt2.GPT2Error as e:
-            raise UsageError(str(e)) from None
-        return {"model": model.state_dict(), "config": asdict(model.config), "path": args.init_from}
-    if args.init_from:
-        return {**load_checkpoint(args.init_from, "base checkpoint"), "path": args.init_from}
-    config = model_config(args)
-    # GPT-2's options (gelu_approximate, ln_eps) at their defaults stay out of the key: the bases cached
-    # before they existed are found again
-    fields = {k: v for k, v in asdict(config).items() if k not in GPT2_FIELDS or v != GPT2_FIELDS[k]}
-    key = json.dumps({"config": fields, "data": digest, "iters": args.pretrain_iters, "lr": args.pretrain_lr,
-                      "batch": args.batch_size, "seed": args.seed}, sort_keys=True)
-    path = os.path.join(args.out_dir, "base", hashlib.sha256(key.encode()).hexdigest()[:12] + ".pt")
+    if s.model.init_from:
+        return checkpoint.given_base(s.model.init_from)
+    config, key = checkpoint.model_config(s), checkpoint.base_key(s, digest)
+    path = checkpoint.base_path(s, key)
     if os.path.exists(path):
         ckpt = load_checkpoint(path, "base checkpoint")
         if procs.master:
             print(f"base model: reusing {path} (val loss {ckpt['val_loss']:.4f})")
         return {**ckpt, "path": path}
-    torch.manual_seed(args.seed)
-    model = GPT(config).to(args.device_name)
-    task = (tasks.MLMTask if args.arch == "encoder" else tasks.LMTask)(base_splits, args)
-    run = Run("pretrain", model, task, make_optimizer(model.parameters(), args.pretrain_lr, 0.1), args.pretrain_lr,
-              min(100, args.pretrain_iters // 10), args.pretrain_iters, path.replace(".pt", ".partial.pt"),
-              torch.Generator().manual_seed(args.seed), extra={"key": key})
+    m = s.model
+    torch.manual_seed(s.optim.seed)
+    model = GPT(config).to(s.system.device)
+    task = make_task(s, base_splits, pretraining=True)
+    run = Run("pretrain", model, task, make_optimizer(model.parameters(), m.pretrain_lr, 0.1), m.pretrain_lr,
+              min(100, m.pretrain_iters // 10), m.pretrain_iters, path.replace(".pt", ".partial.pt"),
+              torch.Generator().manual_seed(s.optim.seed))
     if os.path.exists(run.ckpt_path):
-        restore(run, load_checkpoint(run.ckpt_path), run.ckpt_path)
+        checkpoint.restore(run, load_checkpoint(run.ckpt_path), run.ckpt_path)
         if procs.master:
             print(f"pretraining: continuing from step {run.step} ({run.ckpt_path})")
     elif procs.master:
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"pretraining a {n_params / 1e6:.2f}M-parameter {args.arch} on "
-              f"{args.pretrain_iters} x {args.batch_size} x {args.block_size} bytes")
-    train_loop(run, args, procs)
-    ckpt = {"model": model.state_dict(), "config": asdict(config), "args": public_args(args), "key": key,
+        print(f"pretraining a {n_params / 1e6:.2f}M-parameter {m.arch} on "
+              f"{m.pretrain_iters} x {s.data.batch_size} x {s.data.block_size} bytes")
+    train_loop(run, s, procs)
+    ckpt = {"model": model.state_dict(), "config": asdict(config), "settings": s.public(), "key": key,
             "val_loss": run.history[-1].get("val_loss") if run.history else task.evaluate(model, "val")["loss"]}
     if procs.master:
         atomic_save(ckpt, path)
@@ -519,10 +349,10 @@ def pretrain(args, procs, base_splits, digest):
 
 # ----------------------------------------------------------------------------- fine-tuning
 
-def build_finetune_model(args, schedule, base_ckpt, n_classes):
+def build_finetune_model(s, schedule, base_ckpt, n_classes):
     """The base with its method applied: (model, adapter layers)."""
     config = GPTConfig(**{**base_ckpt["config"], "n_classes": n_classes})
-    torch.manual_seed(args.seed)
+    torch.manual_seed(s.optim.seed)
     model = GPT(config)
     # a merged classifier (sample.py --export) brings its trained head: the run trains a new one instead
     base_state = {k: v for k, v in base_ckpt["model"].items() if not k.startswith("cls_head.")}
@@ -530,62 +360,26 @@ def build_finetune_model(args, schedule, base_ckpt, n_classes):
     if mismatch:
         raise UsageError(f"base checkpoint does not fit the model: {mismatch}")
     model.load_state_dict(base_state, strict=False)  # the classification head is new
-    model.to(args.device_name)
+    model.to(s.system.device)
     layers = {}
-    kind, layer_options, _ = method(args, schedule)
+    kind, layer_options, _ = settings.method(s, schedule)
     if kind is not None:
-        layers = triadapt.inject(model, args.target_list, layer_cls=kind.layer_cls, **layer_options)
+        layers = triadapt.inject(model, list(s.adapter.targets), layer_cls=kind.layer_cls, **layer_options)
     if model.cls_head is not None:  # the head is new, so it trains in every schedule
         model.cls_head.requires_grad_(True)
     return model, layers
 
 
-def method(args, schedule):
-    """(adapters.Kind, the layer's options, the allocator's options) of a schedule: the one place that
-    turns a schedule's name into an adapter kind; (None, {}, {}) for full fine-tuning."""
-    common = dict(total_steps=args.iters, target_total_rank=args.budget_total, interval=args.interval)
-    if schedule == "full":
-        return None, {}, {}
-    if schedule == "lora":
-        return adapters.KINDS["lora"], dict(rank=args.ref_rank, alpha=args.alpha), {}
-    if schedule == "adalora":
-        return adapters.KINDS["adalora"], dict(rank=args.adalora_rank, alpha=args.alpha, ref_rank=args.ref_rank), \
-            dict(init_warmup=args.warmup, final_warmup=args.adalora_final, **common)
-    g = growth_options(args, schedule)
-    layer = dict(rank=args.init_rank, alpha=args.alpha, ref_rank=args.ref_rank)
-    common.update(schedule=g["schedule"], warmup=args.warmup, rank_step=args.rank_step, top_k=args.top_k,
-                  max_rank=args.max_rank)
-    if g["plain"]:
-        return adapters.KINDS["triadapt"], layer, common
-    return adapters.KINDS["increlora"], dict(layer, core=g["core"], advance=g["advance"]), \
-        dict(common, importance=g["importance"], block_warmup=g["block_warmup"])
-
-
-def growth_options(args, schedule):
-    """How a growing schedule grows. increlora is TriAdaptLoRA's allocator with IncreLoRA's choices:
-    a diagonal core, sensitivity importance, the top --top-k matrices every round, a warmup for
-    every new block and advance learning."""
-    if schedule == "increlora":
-        g = dict(schedule="topk", core="diagonal", importance="sensitivity", advance=args.rank_step_k,
-                 block_warmup=10 if args.block_warmup is None else args.block_warmup)
-    else:
-        g = dict(schedule=schedule, core=args.core, importance=args.importance,
-                 advance=args.rank_step_k if args.advance else 0, block_warmup=args.block_warmup or 0)
-    # TriAdaptLoRA itself needs none of baselines.py's switches
-    g["plain"] = (g["core"], g["importance"], g["advance"], g["block_warmup"]) == ("triangular", "frobenius", 0, 0)
-    return g
-
-
-def make_allocator(args, procs, schedule, layers, optimizer):
+def make_allocator(s, procs, schedule, layers, optimizer):
     """The allocator of a schedule that changes ranks while it trains (None for lora and full); it keeps
     `optimizer` right when a growth re-creates tensors."""
-    kind, _, options_ = method(args, schedule)
+    kind, _, allocator_options = settings.method(s, schedule)
     if kind is None or kind.allocator_cls is None:
         return None
     sync = procs.broadcast_norms if procs.world > 1 else None
     if kind.allocator_cls is baselines.IncreLoRAAllocator:  # dL/ddW of each process's share, averaged
-        options_["reduce"] = procs.mean_over_processes if procs.world > 1 else None
-    return kind.allocator_cls(layers, sync=sync, optimizer=optimizer, **options_)
+        allocator_options["reduce"] = procs.mean_over_processes if procs.world > 1 else None
+    return kind.allocator_cls(layers, sync=sync, optimizer=optimizer, **allocator_options)
 
 
 def count_held(model):
@@ -595,46 +389,47 @@ def count_held(model):
     return triadapt.count_trainable(model) + extra
 
 
-def finetune(args, procs, schedule, base_ckpt, task, n_classes=0):
-    """Fine-tune one schedule to --iters steps (or from its checkpoint); returns its metrics."""
-    folder = run_dir(args, schedule)
-    if args.status[schedule] == "done":
+def finetune(s, procs, schedule, status, base_ckpt, task):
+    """Fine-tune one schedule to --iters steps, or on from its checkpoint (status "resume"), or keep a
+    finished run (status "done"); returns its metrics."""
+    folder = settings.run_dir(s, schedule)
+    if status == "done":
         if procs.master:
             print(f"[{schedule}] finished earlier: keeping {os.path.join(folder, 'metrics.json')}")
         with open(os.path.join(folder, "metrics.json")) as f:
             return json.load(f)
-    model, layers = build_finetune_model(args, schedule, base_ckpt, n_classes)
-    lr = args.lr or (3e-4 if schedule == "full" else 2e-3)
-    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], lr, args.weight_decay)
-    allocator = make_allocator(args, procs, schedule, layers, optimizer)
-    name = options.run_name(args, schedule)
-    run = Run(name, model, task, optimizer, lr, args.lr_warmup, args.iters, os.path.join(folder, "ckpt.pt"),
-              torch.Generator().manual_seed(args.seed), layers, allocator, args.orth_reg if allocator else 0.0,
-              extra={"schedule": schedule, "before": None, "max_held": count_held(model)})
-    if args.status[schedule] == "resume":
-        restore(run, load_checkpoint(run.ckpt_path), run.ckpt_path)
+    n_classes = getattr(task, "n_classes", 0)
+    model, layers = build_finetune_model(s, schedule, base_ckpt, n_classes)
+    lr = settings.peak_lr(s, schedule)
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], lr, s.optim.weight_decay)
+    allocator = make_allocator(s, procs, schedule, layers, optimizer)
+    run = Run(settings.run_name(s, schedule), model, task, optimizer, lr, s.optim.lr_warmup, s.optim.iters,
+              os.path.join(folder, "ckpt.pt"), torch.Generator().manual_seed(s.optim.seed), layers, allocator,
+              s.adapter.orth_reg if allocator else 0.0, schedule=schedule, max_held=count_held(model))
+    if status == "resume":
+        checkpoint.restore(run, load_checkpoint(run.ckpt_path), run.ckpt_path)
         if procs.master:
             print(f"[{schedule}] resumed from {run.ckpt_path} at step {run.step}")
-    elif n_classes and args.probe_iters:
-        run.extra["before"] = linear_probe(args, procs, model, task, run.batch_gen)
+    elif n_classes and s.run.probe_iters:
+        run.before = linear_probe(s, procs, model, task, run.batch_gen)
     else:
-        run.extra["before"] = task.evaluate(model, "val") if procs.master else None
+        run.before = task.evaluate(model, "val") if procs.master else None
     if procs.master:
         print(f"[{schedule}] {triadapt.count_trainable(model):,} trainable parameters; val before: "
-              + ", ".join(f"{k} {v:.4f}" for k, v in run.extra["before"].items() if not k.startswith("test_")))
-    train_loop(run, args, procs)
+              + ", ".join(f"{k} {v:.4f}" for k, v in run.before.items() if not k.startswith("test_")))
+    train_loop(run, s, procs)
     check_in_sync(model, procs, f"[{schedule}] end")
-    return report(args, run, folder, base_ckpt) if procs.master else None
+    return report(s, run, folder, base_ckpt) if procs.master else None
 
 
-def linear_probe(args, procs, model, task, gen):
+def linear_probe(s, procs, model, task, gen):
     """Train the classification head alone on the frozen base: the 'before' accuracy of every schedule.
     Every process trains it on the whole batch, so the heads stay identical without communication."""
     head = torch.optim.AdamW(model.cls_head.parameters(), lr=1e-2)
-    autocast = tasks.amp(args.device_name, args.dtype)
+    device, autocast = s.system.device, tasks.amp(s.system.device, s.system.dtype)
     quiet = not (procs.master and sys.stderr.isatty())
-    for _ in tqdm(range(args.probe_iters), desc="head only", dynamic_ncols=True, disable=quiet):
-        x, y = (data.to_device(t, args.device_name) for t in task.batch("train", gen))
+    for _ in tqdm(range(s.run.probe_iters), desc="head only", dynamic_ncols=True, disable=quiet):
+        x, y = (data.to_device(t, device) for t in task.batch("train", gen))
         with torch.no_grad(), autocast:
             h = model.hidden(x).mean(dim=1)  # (B, C); the base is frozen: no graph through it
         loss = torch.nn.functional.cross_entropy(model.cls_head(h.float()), y)
@@ -648,35 +443,31 @@ def linear_probe(args, procs, model, task, gen):
 
 
 def setup(argv):
-    """Parse, check, read the data and create --out-dir: the part that may fail on bad input."""
-    args = options.build_parser().parse_args(argv)
-    options.validate(args, options.explicit_flags(argv))
-    args.resume_command = resume_command(argv)
-    corpora = tasks.read_corpora(args)
-    options.make_out_dir(args)
-    return args, corpora
+    """Resolve the settings, see which runs to resume, read the data and create --out-dir: the part that
+    may fail on bad input. Returns (settings, {schedule: status}, corpora)."""
+    s = options.resolve(argv)
+    status = options.check_resume(s)
+    corpora = tasks.read_corpora(s.data, s.model.arch)
+    options.make_out_dir(s)
+    return s, status, corpora
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     procs, master = None, os.environ.get("RANK", "0") == "0"
     try:
-        args, corpora = setup(argv)
-        procs = start_processes(args)
-        if args.device_name.startswith("cuda"):
+        s, status, corpora = setup(argv)
+        procs = start_processes(s.system)
+        if s.system.device.startswith("cuda"):
             torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores
             torch.backends.cudnn.allow_tf32 = True
-        torch.manual_seed(args.seed)
-        random.seed(args.seed)
-        np.random.seed(args.seed)
-        base_splits, ft_splits, digest = cache_corpora(args, procs, *corpora)
-        base_ckpt = pretrain(args, procs, base_splits, digest)
-        if args.task in tasks.GLUE_TASKS:
-            task = tasks.GLUE_TASK_CLASSES[args.task](ft_splits, args)
-            n_classes = task.n_classes
-        else:  # an encoder sees the future, so on text it can only learn masked bytes
-            task, n_classes = (tasks.MLMTask if args.arch == "encoder" else tasks.LMTask)(ft_splits, args), 0
-        results = [finetune(args, procs, s, base_ckpt, task, n_classes) for s in args.schedules]
+        torch.manual_seed(s.optim.seed)
+        random.seed(s.optim.seed)
+        np.random.seed(s.optim.seed)
+        base_splits, ft_splits, digest = cache_corpora(s, procs, *corpora)
+        base_ckpt = pretrain(s, procs, base_splits, digest)
+        task = make_task(s, ft_splits)
+        results = [finetune(s, procs, schedule, status[schedule], base_ckpt, task) for schedule in s.run.schedule]
     except (UsageError, data.DataError) as e:
         if master:  # every process checks the same input: one of them says so
             print(f"error: {e}", file=sys.stderr)
@@ -686,14 +477,14 @@ def main(argv=None):
         return 1
     except KeyboardInterrupt:
         if master:
-            print(f"\ninterrupted; resume with: {resume_command(argv)}", file=sys.stderr)
+            print(f"\ninterrupted; resume with: {options.resume_command(argv)}", file=sys.stderr)
         return 130
     finally:
         if procs is not None and procs.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
     if len(results) > 1 and procs.master:
         print("\n" + comparison_table(results))
-        path = run_dir(args, "comparison") + ".svg"  # named like the runs' folders: out/cola-comparison.svg
+        path = settings.run_dir(s, "comparison") + ".svg"  # named like the runs' folders: out/cola-comparison.svg
         save_text(plot.comparison({m.get("run", m["schedule"]): [m] for m in results}), path)
         print(f"picture: {path}")
     return 0

@@ -66,8 +66,7 @@ class TriAdaptLinear(nn.Module):
 
     def _allocate(self, c):
         """Zero factors and masks at capacity c: what a layer of rank 0 holds."""
-        w = self.base.weight
-        kw = dict(device=w.device, dtype=bases.adapter_dtype(w))
+        kw = dict(device=self.base.weight.device, dtype=bases.adapter_dtype(self.base.weight))
         self.A = nn.Parameter(torch.zeros(c, self.d_in, **kw))   # (c, d_in), rows past r are 0
         self.B = nn.Parameter(torch.zeros(self.d_out, c, **kw))  # (d_out, c), columns past r are 0
         self.L = nn.Parameter(torch.zeros(c, c, **kw))           # (c, c), row block j is P_j, 0 elsewhere
@@ -98,9 +97,8 @@ class TriAdaptLinear(nn.Module):
 
     def core(self):
         """C = L + U on the active blocks, (r, r): for inspection and the allocator (not the hot path)."""
-        r = self.rank
         C = torch.where(self.L_mask != 0, self.L, 0) + torch.where(self.U_mask != 0, self.U, 0)  # (c, c)
-        return C[:r, :r]
+        return C[:self.rank, :self.rank]
 
     def delta_weight(self):
         return self.B @ (self.scaled_core() @ self.A)  # (d_out, d_in)
@@ -115,21 +113,24 @@ class TriAdaptLinear(nn.Module):
 
     @torch.no_grad()
     def grow(self, k):
-        """Add a block of size k in place: A's new rows ~ N(0, init_std^2), B's new columns 0, P = [0 | I],
-        Q = 0, then open the masks; dW does not change. Past the capacity the tensors are re-created."""
+        """Add a block of size k in place: fresh_rows(), P = [0 | I], Q = 0, then open_block(); dW does not
+        change. Past the capacity reserve() re-creates the tensors (subclasses override these three hooks)."""
         if self.merged:
             raise RuntimeError("grow() on a merged layer: unmerge() first")
         r = self.rank
         if k < 1 or r + k > self.max_rank:
             raise ValueError(f"cannot grow rank {r} by {k}: the cap is min(d_in, d_out) = {self.max_rank}")
         self.reserve(r + k)
-        self.A[r:r + k] = torch.randn_like(self.A[r:r + k]) * self.init_std
-        self.B[:, r:r + k] = 0
+        self.fresh_rows(r, r + k)
         self.L[r:r + k, :r + k] = 0
         self.L[r:r + k, r:r + k] = torch.eye(k, device=self.L.device, dtype=self.L.dtype)
         self.U[:r + k, r:r + k] = 0
         self.block_sizes.append(k)
         self.open_block(r, r + k)
+
+    def fresh_rows(self, lo, hi):
+        """A new block's factors: A's rows lo:hi ~ N(0, init_std^2), B's columns lo:hi 0."""
+        self.A[lo:hi], self.B[:, lo:hi] = torch.randn_like(self.A[lo:hi]) * self.init_std, 0
 
     def open_block(self, lo, hi):
         """Mark block lo:hi live: its row block of L, its column block of U, and R_orth's r x r corner."""
@@ -253,6 +254,10 @@ def inject(model, targets, layer_cls=TriAdaptLinear, **layer_kwargs):
     return layers
 
 
+default_budget = lambda ref_rank, n_matrices: ref_rank * n_matrices  # R_target: r_ref a matrix on average
+default_rank_step = lambda ref_rank: max(1, ref_rank // 2)             # k
+
+
 class RankAllocator:
     """Grows the ranks of TriAdaptLinear layers during training, within a total-rank budget R_target.
 
@@ -272,8 +277,8 @@ class RankAllocator:
         ref_rank = next(iter(self.layers.values())).ref_rank
         self.total_steps, self.schedule, self.top_k = total_steps, schedule, top_k
         self.warmup, self.interval = warmup, max(1, interval)
-        self.target_total_rank = target_total_rank or ref_rank * len(self.layers)  # R_target
-        self.rank_step = rank_step or max(1, ref_rank // 2)                        # k
+        self.target_total_rank = target_total_rank or default_budget(ref_rank, len(self.layers))
+        self.rank_step = rank_step or default_rank_step(ref_rank)
         self.sync = sync or (lambda values: values)
         self.optimizer, self.recreated = optimizer, []  # recreated: layers whose tensors the last call re-made
         self.caps = {n: min(l.max_rank, max_rank or l.max_rank) for n, l in self.layers.items()}
@@ -284,8 +289,6 @@ class RankAllocator:
         self.scores, self.events = {}, []  # events: (t, name, k) of every growth, in order: what resume replays
 
     total_rank = property(lambda self: sum(l.rank for l in self.layers.values()))
-
-    rank_pattern = lambda self: {n: l.rank for n, l in self.layers.items()}
 
     def norms(self):
         """{name: N(C)} of every layer, through `sync`."""

@@ -150,7 +150,7 @@ def test_ctrl_c_under_torchrun_saves_once_and_exits_cleanly(tmp_path, one):
     assert output.count("stopped after step") == 1 and "resume with: python train.py" in output, output
     assert 'train.py", line' not in output, output  # no traceback of ours (torchrun prints its own)
     ckpt = torch.load(tmp_path / "linear" / "ckpt.pt", weights_only=False)
-    assert ckpt["step"] >= 20 and ckpt["args"]["world"] == 2
+    assert ckpt["step"] >= 20 and ckpt["settings"]["world"] == 2
 
 
 def test_adalora_and_increlora_under_two_processes(tmp_path, one):

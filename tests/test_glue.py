@@ -18,7 +18,13 @@ B, MAX_TRAIN = 64, 1200  # the encoder's default block size; a train split small
 
 @pytest.fixture(scope="module")
 def examples():
-    return {task: tasks.glue_examples(task, B, MAX_TRAIN) for task in tasks.GLUE_TASKS}
+    return {task: tasks.glue_examples(task, B, MAX_TRAIN) for task in ("cola", "pairs")}
+
+
+@pytest.fixture(scope="module")
+def picks():
+    """package has no Examples: its rows are these snippets of its files (what glue_splits gives)."""
+    return tasks.package_picks(B, MAX_TRAIN // len(data.CLASS_PACKAGES))
 
 
 def test_mcc_and_f1_on_examples_worked_by_hand():
@@ -46,7 +52,7 @@ def test_builders_are_deterministic():
             assert 0 <= int(first[split][0].min()) and int(first[split][0].max()) < 256  # never the MASK id
 
 
-def test_sizes_and_tensors_follow_the_examples(examples):
+def test_sizes_and_tensors_follow_the_examples(examples, picks):
     for task in ("cola", "pairs"):
         splits = tasks.glue_splits(task, B, MAX_TRAIN)
         for split, (x, y) in splits.items():
@@ -55,9 +61,11 @@ def test_sizes_and_tensors_follow_the_examples(examples):
             assert len(ex) > {"train": MAX_TRAIN, "val": 250, "test": 250}[split] - 4  # pairs: 4 rows a chain
             padded = [e.text.encode().ljust(B, bytes([tasks.PAD])) for e in ex]
             assert bytes(x.flatten().tolist()) == b"".join(padded)  # every text fits: nothing clipped
-    x, y = tasks.glue_splits("package", B, MAX_TRAIN)["train"]
+    x, y = tasks.glue_splits("package", B, MAX_TRAIN)["train"]  # package: its picks, label after label
     assert torch.equal(x, tasks.classification_splits(B, MAX_TRAIN // 8)["train"][0])
-    assert len(examples["package"]["train"]) == len(y) == MAX_TRAIN
+    assert bytes(x.flatten().tolist()) == b"".join(c.tobytes() for c, _, _ in picks["train"])
+    assert len(y) == MAX_TRAIN
+    assert y.tolist() == [label for label, (chunks, _, _) in enumerate(picks["train"]) for _ in chunks]
 
 
 def test_classification_splits_are_deterministic_balanced_and_file_disjoint():
@@ -74,25 +82,31 @@ def test_classification_splits_are_deterministic_balanced_and_file_disjoint():
     assert torch.equal(splits["val"][0], tasks.classification_splits(64, max_per_class=50)["val"][0])
 
 
-def test_splits_are_file_disjoint_and_their_files_are_held_out_of_pretraining(examples):
+def test_splits_are_file_disjoint_and_their_files_are_held_out_of_pretraining(examples, picks):
     split_of = data.stdlib_split_of()
     holdout = set(data.glue_holdout_files())
     assert holdout == {p for p, s in split_of.items() if s != "train"}
     assert not holdout & set(data.stdlib_sources(exclude=holdout))
-    for task, splits in examples.items():
-        files = {split: {e.file for e in ex} for split, ex in splits.items()}
+    files_of = {task: {split: {e.file for e in ex} for split, ex in splits.items()}
+                for task, splits in examples.items()}
+    files_of["package"] = {split: {p for _, paths, _ in per_label for p in paths}
+                           for split, per_label in picks.items()}
+    for task, files in files_of.items():
         assert not files["train"] & files["val"] and not files["train"] & files["test"]
         assert not files["val"] & files["test"]
         assert all(split_of[f] == split for split, fs in files.items() for f in fs)
         assert files["val"] | files["test"] <= holdout
 
 
-def test_labels_are_balanced_in_every_split(examples):
+def test_labels_are_balanced_in_every_split(examples, picks):
     for task, splits in examples.items():
         for split, ex in splits.items():
             per_label = collections.Counter(e.label for e in ex)
-            assert len(per_label) == (8 if task == "package" else 2), (task, split)
+            assert len(per_label) == 2, (task, split)
             assert len(set(per_label.values())) == 1, (task, split, per_label)
+    for split, per_label in picks.items():
+        sizes = [len(c) for c, _, _ in per_label]
+        assert len(sizes) == 8 and len(set(sizes)) == 1 and sizes[0] > 0, ("package", split, sizes)
 
 
 def test_every_cola_positive_parses_and_every_negative_does_not(examples):
@@ -204,10 +218,10 @@ def test_no_shallow_cue_beats_chance(examples, task, cue):
 
 def test_a_task_evaluates_its_own_metric():
     torch.manual_seed(0)
-    args = types.SimpleNamespace(batch_size=4, device_name="cpu", dtype="fp32")
+    d = types.SimpleNamespace(batch_size=4)  # the part of settings.DataSettings a task batches with
     x, y = torch.randint(256, (300, 16)), torch.tensor([1, 0] * 150)  # more rows than one evaluation batch
     for name, metric, extra in (("cola", "mcc", "mcc"), ("pairs", "acc", "f1")):
-        task = tasks.GLUE_TASK_CLASSES[name]({"val": (x, y)}, args)
+        task = tasks.GLUE_TASK_CLASSES[name]({"val": (x, y)}, d, "cpu", "float32")
         assert (task.metric, task.n_classes) == (metric, 2)
         net = model.GPT(model.GPTConfig(vocab_size=257, block_size=16, n_layer=1, n_head=2, n_embd=16,
                                         bidirectional=True, n_classes=2))
@@ -224,5 +238,7 @@ def test_a_task_evaluates_its_own_metric():
 def test_unknown_tasks_and_too_small_blocks_are_refused():
     with pytest.raises(data.DataError, match="unknown task 'classify'"):
         tasks.glue_examples("classify", B)
+    with pytest.raises(data.DataError, match="package has no Examples"):
+        tasks.glue_examples("package", B)  # glue_splits reads its files' bytes instead
     with pytest.raises(data.DataError, match="32 at least"):
         tasks.glue_splits("cola", 16)

@@ -43,7 +43,7 @@ def fake_metrics(schedule, seed=0, iters=600, n_layer=4, eval_interval=100, warm
         history.append(h)
     blocks = {n: [1] + [e[2] for e in events if e[1] == n] for n in names} if schedule == "linear" else {}
     config = {"arch": "gpt", "task": "lm", "iters": iters, "batch_size": 32, "block_size": 128,
-              "seed": 1337 + seed, "ref_rank": 8, "budget_total": budget, "init_rank": 1, "rank_step": None,
+              "seed": 1337 + seed, "ref_rank": 8, "budget": budget, "init_rank": 1, "rank_step": 4,
               "warmup": warmup, "interval": interval, "top_k": 4, "orth_reg": 0.1, "alpha": 16.0, "lr": None}
     return {"schedule": schedule, "val_loss_before": 3.1, "val_loss": history[-1]["val_loss"],
             "test_loss": history[-1]["val_loss"] + 0.01 * seed, "peak_lr": 2e-3,

@@ -1,7 +1,7 @@
 """adapter.pt, the merged export and sample.py on tiny runs: round trips, sampling, classifying, bad input."""
-import argparse
 import contextlib
 import io
+import json
 import os
 import re
 
@@ -9,7 +9,9 @@ import pytest
 import torch
 
 import data
+import processes
 import sample
+import settings
 import tasks
 import train
 from model import GPT, GPTConfig
@@ -56,12 +58,12 @@ def from_checkpoint(folder):
     """The fine-tuned model rebuilt the way --resume does: from ckpt.pt and the base, through train.py."""
     ckpt = torch.load(folder / "ckpt.pt", weights_only=False)
     (base_path,) = (folder.parent / "base").glob("*.pt")
-    args = argparse.Namespace(**{**ckpt["args"], "device_name": "cpu"})
+    s = settings.Settings.from_public(ckpt["settings"])
     base = torch.load(base_path, weights_only=False)
     n_classes = ckpt["model_config"]["n_classes"]
-    model, layers = train.build_finetune_model(args, ckpt["schedule"], base, n_classes)
+    model, layers = train.build_finetune_model(s, ckpt["schedule"], base, n_classes)
     optimizer = train.make_optimizer([p for p in model.parameters() if p.requires_grad], 1e-3, 0.0)
-    allocator = train.make_allocator(args, argparse.Namespace(world=1), ckpt["schedule"], layers, optimizer)
+    allocator = train.make_allocator(s, processes.Procs(), ckpt["schedule"], layers, optimizer)
     if allocator is not None:  # replays the growth (and the dropped advance blocks) before the weights
         allocator.load_state_dict(ckpt["allocator"])
     model.load_state_dict(ckpt["model"])
@@ -83,8 +85,8 @@ def call(*argv):
 
 
 def blocks_of(entry):
-    """An adapter entry's ranks as ckpt.pt's rank_pattern holds them: its block sizes, else its one rank
-    (AdaLoRA: its live triplets; LoRA: the rows of A)."""
+    """An adapter entry's ranks as metrics.json holds them: its block sizes, else its one rank (AdaLoRA:
+    its live triplets; LoRA: the rows of A)."""
     if "block_sizes" in entry:
         return entry["block_sizes"]
     if "live" in entry:
@@ -105,14 +107,13 @@ def test_adapter_reproduces_the_fine_tuned_model_exactly(lm, cls, name):
     else:
         assert adapter["model"] is None and size < base_size / 3
         blocks = {n: blocks_of(e) for n, e in adapter["layers"].items()}
-        assert blocks == torch.load(folder / "ckpt.pt", weights_only=False)["rank_pattern"]
+        m = json.loads((folder / "metrics.json").read_text())
+        assert blocks == {n: m["block_sizes"].get(n, [r]) for n, r in m["rank_pattern"].items()}
     assert (adapter["cls_head"] is not None) == (name == "package-linear")
 
 
 @pytest.mark.parametrize("name", ["linear", "lora", "adalora", "increlora"])
 def test_export_lora_writes_peft_files_whose_product_is_each_delta_weight(lm, name, tmp_path):
-    import json
-
     import adapters
     import tensorfile
 

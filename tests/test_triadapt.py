@@ -43,6 +43,11 @@ def assert_rest_is_zero(layer):
         assert torch.count_nonzero(getattr(layer, name) * (1 - mask)) == 0, name
 
 
+def ranks(layers):
+    """{name: rank} of a dict of adapter layers (an allocator's .layers, say)."""
+    return {n: l.rank for n, l in layers.items()}
+
+
 # ----------------------------------------------------------------------------- the core
 
 def test_core_blocks_1_2_by_hand():
@@ -352,7 +357,7 @@ def test_allocator_grows_the_top_scorer_at_the_right_steps():
     assert alloc.scores == {}
     assert alloc.update_and_allocate(6) == ["m1"]
     assert alloc.scores == pytest.approx({"m0": 0.0, "m1": 2.0, "m2": 0.0})
-    assert alloc.rank_pattern() == {"m0": 1, "m1": 2, "m2": 1}
+    assert ranks(alloc.layers) == {"m0": 1, "m1": 2, "m2": 1}
     assert alloc.events == [(6, "m1", 1)]
     # m1's N dropped from 3 to sqrt(9 + 1) / 2 by its new identity block: a negative score next time.
     set_core_scale(layers["m2"], 2.0)
@@ -366,7 +371,7 @@ def test_allocator_ties_all_grow_in_layer_order():
     set_core_scale(layers["m3"], 2.0)
     set_core_scale(layers["m1"], 2.0)
     assert alloc.update_and_allocate(1) == ["m1", "m3"]
-    assert alloc.rank_pattern() == {"m0": 1, "m1": 3, "m2": 1, "m3": 3}
+    assert ranks(alloc.layers) == {"m0": 1, "m1": 3, "m2": 1, "m3": 3}
 
 
 def test_allocator_never_exceeds_the_budget_and_grows_partially():
@@ -376,7 +381,7 @@ def test_allocator_never_exceeds_the_budget_and_grows_partially():
         set_core_scale(layers[name], v)
     # Deficit 3: m0 takes 2, m1 the last 1, m2 nothing.
     assert alloc.update_and_allocate(1) == ["m0", "m1"]
-    assert alloc.rank_pattern() == {"m0": 3, "m1": 2, "m2": 1} and alloc.total_rank == 6
+    assert ranks(alloc.layers) == {"m0": 3, "m1": 2, "m2": 1} and alloc.total_rank == 6
     assert alloc.update_and_allocate(2) == []  # budget reached: no round, scores untouched
     assert alloc.scores["m2"] == pytest.approx(1.0)
 
@@ -404,7 +409,7 @@ def test_allocator_skips_capped_matrices():
     set_core_scale(layers["m0"], 50.0)  # highest score, but at its cap of 2
     assert alloc.update_and_allocate(2) == ["m1"]
     assert alloc.update_and_allocate(3) == []     # both capped: nothing can grow
-    assert alloc.rank_pattern() == {"m0": 2, "m1": 2}
+    assert ranks(alloc.layers) == {"m0": 2, "m1": 2}
 
 
 def test_a_growth_keeps_the_optimizers_and_ddps_tensors_and_new_entries_start_with_zero_moments(tmp_path):
@@ -483,7 +488,7 @@ def test_allocator_state_round_trip_rebuilds_shapes_and_groups():
     params = [p for l in fresh.values() for p in l.parameters() if p.requires_grad]
     alloc2 = RankAllocator(fresh, total_steps=10, target_total_rank=8, schedule="topk", top_k=2, rank_step=2)
     alloc2.load_state_dict(state)
-    assert alloc2.rank_pattern() == alloc.rank_pattern() == {"m0": 3, "m1": 1, "m2": 3}
+    assert ranks(alloc2.layers) == ranks(alloc.layers) == {"m0": 3, "m1": 1, "m2": 3}
     assert [l.block_sizes for l in fresh.values()] == [[1, 2], [1], [1, 2]]
     # The replay grows in place: an optimizer made before it still holds the layers' tensors.
     assert all(p is q for p, q in zip(params, [p for l in fresh.values() for p in l.parameters()

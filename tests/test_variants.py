@@ -30,6 +30,11 @@ def assert_rest_is_zero(layer):
         assert torch.count_nonzero(getattr(layer, name) * (1 - mask)) == 0, name
 
 
+def ranks(layers):
+    """{name: rank} of a dict of adapter layers (an allocator's .layers, say)."""
+    return {n: l.rank for n, l in layers.items()}
+
+
 # ----------------------------------------------------------------------------- diagonal core
 
 def test_diagonal_core_counts_and_grows_without_changing_dW():
@@ -129,7 +134,7 @@ def test_sensitivity_rounds_grow_the_top_k_matrices():
     # one step: I_bar = I / 2, U_bar = |I - I / 2| / 2, so score = I^2 / 8: 0.125, 1.125, 0.5
     grown = allocator.update_and_allocate(1)
     assert grown == ["b", "c"] and allocator.scores == pytest.approx({"a": 0.125, "b": 1.125, "c": 0.5})
-    assert allocator.rank_pattern() == {"a": 1, "b": 2, "c": 2}
+    assert ranks(allocator.layers) == {"a": 1, "b": 2, "c": 2}
     assert allocator.events == [(1, "b", 1), (1, "c", 1)]
 
 
@@ -381,20 +386,18 @@ def test_a_growth_near_the_cap_with_an_advance_block_keeps_the_tensors():
 def test_an_advance_block_going_live_in_a_capacity_doubling_starts_with_zero_moments():
     # the allocator moves the optimizer's state into the re-created tensors: the moments must be zeroed
     # there, or the advance block's trained-ahead moments come along
-    import train
-
+    trainable = lambda: [p for p in model.parameters() if p.requires_grad]
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 16))
     (layer,) = triadapt.inject(model, ["0"], layer_cls=IncreLoRALinear, rank=1, ref_rank=1, advance=1).values()
     assert layer.capacity == 2
-    params = train.trainable(model)
-    opt = torch.optim.AdamW(list(params.values()), lr=0.1)
+    opt = torch.optim.AdamW(trainable(), lr=0.1)
     allocator = IncreLoRAAllocator({"0": layer}, total_steps=10, target_total_rank=4, schedule="topk",
                                    rank_step=1, optimizer=opt)
     layer(torch.randn(8, 16)).pow(2).sum().backward()
     opt.step()
     assert torch.count_nonzero(opt.state[layer.B]["exp_avg"][:, 1]) > 0  # the advance column trained ahead
     assert allocator.update_and_allocate(1) == ["0"] and layer.capacity == 4  # r = 2 + advance 1 > 2
-    assert allocator.recreated == ["0"] and opt.param_groups[0]["params"] == list(train.trainable(model).values())
+    assert allocator.recreated == ["0"] and opt.param_groups[0]["params"] == trainable()
     for key in ("exp_avg", "exp_avg_sq"):
         assert torch.count_nonzero(opt.state[layer.B][key][:, 1:]) == 0  # as within the capacity
