@@ -290,7 +290,7 @@ def speed(args):
     """Step times (skipped with --steps 0), aten ops per step, and the allocator's share of a run."""
     variants = ["lora", "tri (1 block)", "tri (grown)", "materialized", "adalora", "increlora (growing)", "full"]
     shapes = [("default", GPTConfig()), ("wide", GPTConfig(n_embd=384, n_head=6))]
-    rank_step = max(1, args.rank // 2)
+    rank_step = triadapt.default_rank_step(args.rank)
     print(f"machine: {machine()}, device {args.device}")
     print(f"batch {args.batch_size} x {GPTConfig().block_size}, rank {args.rank}: tri (1 block) is one block of "
           f"rank {args.rank}; tri (grown) and materialized\ngrew from rank 1 by {rank_step} through the allocator, "
@@ -414,7 +414,8 @@ def gpu(args):
     print(f"{'shape':<8} {'method':<13} {'ms/step':>8} {'tokens/s':>10} {'peak MiB':>9}")
     for label, config in shapes:
         batches = make_batches(config, args.batch_size, args.device)
-        built = {v: make_variant(v, config, args.rank, max(1, args.rank // 2), args.device, batches) for v in variants}
+        k = triadapt.default_rank_step(args.rank)
+        built = {v: make_variant(v, config, args.rank, k, args.device, batches) for v in variants}
         times = time_steps(built, batches, args.steps, args.device)
         peaks = {v: float("nan") for v in variants}  # memory is measured on CUDA only
         if args.device == "cuda":
@@ -462,7 +463,7 @@ def gpt2_variant(name, config, args, batches):
     (Its time and memory do not depend on the pattern: every matrix computes at capacity 2 r.)"""
     base = (lambda _: gpt2.from_pretrained(args.gpt2_folder)) if args.gpt2_folder else GPT
     growth = dict(schedule="topk", top_k=len(options.TARGETS) * config.n_layer, max_rank=args.rank)
-    rank_step = max(1, args.rank // 2)
+    rank_step = triadapt.default_rank_step(args.rank)
     return make_variant(name, config, args.rank, rank_step, args.device, batches, base, **growth)
 
 
