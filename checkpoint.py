@@ -90,7 +90,8 @@ def base_key(s, digest):
     GPT-2's options (gelu_approximate, ln_eps) at their defaults stay out of it: the bases cached before
     they existed are found again."""
     fields = {k: v for k, v in asdict(model_config(s)).items() if k not in GPT2_FIELDS or v != GPT2_FIELDS[k]}
-    return json.dumps({"config": fields, "data": digest, "iters": s.model.pretrain_iters, "lr": s.model.pretrain_lr,
+    m = s.model
+    return json.dumps({"config": fields, "data": digest, "iters": m.pretrain_iters, "lr": m.pretrain_lr,
                        "batch": s.data.batch_size, "seed": s.optim.seed}, sort_keys=True)
 
 

@@ -358,8 +358,8 @@ def check_adalora(args):
     if "adalora" not in args.schedule:
         return
     if args.adalora_init_rank > args.n_embd:
-        raise UsageError(f"--adalora-init-rank {args.adalora_init_rank} exceeds the smallest adapted dimension, "
-                         f"--n-embd {args.n_embd}")
+        raise UsageError(f"--adalora-init-rank {args.adalora_init_rank} exceeds the smallest adapted "
+                         f"dimension, --n-embd {args.n_embd}")
     if args.adalora_init_rank * n_matrices < args.budget:
         raise UsageError(f"adalora starts with {args.adalora_init_rank} x {n_matrices} = "
                          f"{args.adalora_init_rank * n_matrices} triplets, below the budget {args.budget}: "

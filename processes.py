@@ -90,7 +90,8 @@ def my_micro_batches(x, y, task, procs, k):
     n = len(x) // procs.world
     x, y, total = x[procs.rank * n:(procs.rank + 1) * n], y[procs.rank * n:(procs.rank + 1) * n], task.count(y)
     m = n // k
-    return [(x[i * m:(i + 1) * m], y[i * m:(i + 1) * m], task.count(y[i * m:(i + 1) * m]) / total) for i in range(k)]
+    return [(x[i * m:(i + 1) * m], y[i * m:(i + 1) * m], task.count(y[i * m:(i + 1) * m]) / total)
+            for i in range(k)]
 
 
 class Interrupts:

@@ -152,7 +152,8 @@ class Progress:
         n, dt = t - self.step_last, max(now - self.t_last, 1e-9)
         entry = self.run.history[-1]
         rank = entry["total_rank"] if self.run.layers else "-"
-        stats = dict(loss=f"{entry['train_loss']:.4f}", lr=f"{lr:.2e}", rank=rank, ms=f"{1000 * dt / max(n, 1):.1f}")
+        stats = dict(loss=f"{entry['train_loss']:.4f}", lr=f"{lr:.2e}", rank=rank,
+                     ms=f"{1000 * dt / max(n, 1):.1f}")
         if self.bar is not None:
             self.bar.set_postfix(stats)
         elif self.on and n and t % self.s.run.log_interval == 0:
@@ -252,7 +253,8 @@ def train_loop(run, s, procs):
             opt.zero_grad(set_to_none=True)
             # log/eval/checkpoint: losses stay on the device until a read-back
             run.step = t
-            run.history.append({"step": t, "train_loss": None, "total_rank": sum(l.rank for l in run.layers.values())})
+            total_rank = sum(l.rank for l in run.layers.values())
+            run.history.append({"step": t, "train_loss": None, "total_rank": total_rank})
             pending.append(torch.stack([step_loss, grad_norm.float()]))
             progress.step()
             evaluate = t % s.run.eval_interval == 0 or t == run.iters
@@ -296,7 +298,8 @@ def cache_corpora(s, procs, base, finetune):
                 ft_splits = data.build_cache(name, finetune[0], finetune[1], cache, tokenizer)
         procs.barrier()
     if tokenizer is not None:  # the text's bytes were checked against the block; its tokens are fewer
-        data.check_length(np.concatenate(list(ft_splits.values())), s.data.block_size, f"{finetune[1]} in tokens")
+        tokens = np.concatenate(list(ft_splits.values()))
+        data.check_length(tokens, s.data.block_size, f"{finetune[1]} in tokens")
     return base_splits, ft_splits, hashlib.sha256(base[0]).hexdigest()
 
 
@@ -356,7 +359,8 @@ def build_finetune_model(s, schedule, base_ckpt, n_classes):
     model = GPT(config)
     # a merged classifier (sample.py --export) brings its trained head: the run trains a new one instead
     base_state = {k: v for k, v in base_ckpt["model"].items() if not k.startswith("cls_head.")}
-    mismatch = options.key_mismatch([k for k in model.state_dict() if not k.startswith("cls_head")], base_state.keys())
+    body = [k for k in model.state_dict() if not k.startswith("cls_head")]
+    mismatch = options.key_mismatch(body, base_state.keys())
     if mismatch:
         raise UsageError(f"base checkpoint does not fit the model: {mismatch}")
     model.load_state_dict(base_state, strict=False)  # the classification head is new
@@ -467,7 +471,7 @@ def main(argv=None):
         base_splits, ft_splits, digest = cache_corpora(s, procs, *corpora)
         base_ckpt = pretrain(s, procs, base_splits, digest)
         task = make_task(s, ft_splits)
-        results = [finetune(s, procs, schedule, status[schedule], base_ckpt, task) for schedule in s.run.schedule]
+        results = [finetune(s, procs, name, status[name], base_ckpt, task) for name in s.run.schedule]
     except (UsageError, data.DataError) as e:
         if master:  # every process checks the same input: one of them says so
             print(f"error: {e}", file=sys.stderr)

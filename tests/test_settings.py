@@ -27,7 +27,8 @@ def test_the_defaults_are_resolved_under_their_flags_names(tmp_path):
     # t_f = 600 // 6; the gpt's rows and pretraining; CPU float32; lr and block warmup stay per schedule
     assert (s.adapter.budget, s.adapter.rank_step, s.adapter.adalora_init_rank, s.adapter.final_warmup) == \
         (192, 4, 12, 100)
-    assert (s.data.block_size, s.model.pretrain_iters, s.system.device, s.system.dtype) == (128, 1500, "cpu", "float32")
+    assert (s.data.block_size, s.model.pretrain_iters, s.system.device, s.system.dtype) == \
+        (128, 1500, "cpu", "float32")
     assert s.optim.lr is None and s.adapter.block_warmup is None
     assert s.adapter.targets == ("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out")
     assert s.run.schedule == ("linear",) and s.optim.seed == 1337
