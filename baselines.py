@@ -359,29 +359,27 @@ class IncreLoRALinear(triadapt.TriAdaptLinear):
 
     It overrides TriAdaptLinear's hooks: _allocate() adds the buffer `ahead`, reserve() makes room for the
     advance block too, fresh_rows() keeps the rows it holds, open_block() opens a diagonal core; grow()
-    then gives the rows that went live their eps as their core entry and refills the advance block."""
+    then gives the rows that went live their eps as their core entry and refills the advance block.
+    first_block() waits until __init__ has set the core and the advance block that these hooks read."""
 
     KIND = "increlora"
-    # TriAdaptLinear's own choices: the base's __init__ makes the first block with them (through the hooks),
-    # then __init__ sets this layer's and applies them
-    core_kind, advance = "triangular", 0
 
     def __init__(self, base, rank=1, alpha=16.0, ref_rank=8, init_std=0.02, core="triangular", advance=0,
                  fan_in_fan_out=None):
         if core not in CORES:
             raise ValueError(f"unknown core {core!r}: choose one of {', '.join(CORES)}")
         super().__init__(base, rank, alpha, ref_rank, init_std, fan_in_fan_out)
+        self.core_kind, self.advance = core, 0
         self.track_sensitivity = False  # set by IncreLoRAAllocator(importance="sensitivity")
         self.grad_dW = self._dW = None  # (d_out, d_in): dL/ddW of this step, and dW before the step
         self.frozen_ahead = advance > 0  # a Python flag read by forward: changes once, at drop_advance()
-        self.core_kind = core
-        if core == "diagonal":  # the base opened the first block triangular: open it again, diagonal
-            self.L_mask.zero_()
-            self.U_mask.zero_()
-            self.open_block(0, rank)
+        super().first_block(rank)
         if advance:
             self.reserve(rank + advance)  # self.advance, which reserve() adds, is 0 until fill_advance()
             self.fill_advance(advance)
+
+    def first_block(self, rank):
+        """Deferred: __init__ opens it once core_kind and advance are set."""
 
     @property
     def n_trainable(self):

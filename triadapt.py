@@ -33,8 +33,7 @@ tensors go into the optimizer, and allocator.recreated names their layers (re-wr
         allocator.update_and_allocate(t)  # may grow ranks, in place; keeps `opt` right through a doubling
         opt.zero_grad()
 
-A base is an nn.Linear or a Conv1D in any dtype (bases.py); lora_factors() folds dW = lora_B @ lora_A,
-lora_B = B, lora_A = (s C) A. The tests check the math (tests/test_oracle.py: a literal slow version).
+A base is an nn.Linear or a Conv1D in any dtype (bases.py); tests/test_oracle.py is a literal slow version.
 """
 import itertools
 import math
@@ -62,7 +61,9 @@ class TriAdaptLinear(nn.Module):
         self.alpha, self.scale, self.ref_rank, self.init_std = alpha, alpha / ref_rank, ref_rank, init_std
         self.block_sizes, self.merged = [], False
         self._allocate(min(self.max_rank, max(rank, 2 * ref_rank)))
-        self.grow(rank)
+        self.first_block(rank)
+
+    first_block = lambda self, rank: self.grow(rank)  # the initial block (a subclass may set itself up first)
 
     def _allocate(self, c):
         """Zero factors and masks at capacity c: what a layer of rank 0 holds."""
@@ -240,10 +241,8 @@ def orthogonal_penalty(layers):
 
 def inject(model, targets, layer_cls=TriAdaptLinear, **layer_kwargs):
     """Freeze `model` and wrap, in place, every nn.Linear or Conv1D whose qualified name ends with a target.
-
     A target matches whole name components: "proj" matches "mlp.proj", not "attn.out_proj".
-    Returns {qualified name: adapter layer} in the model's module order.
-    """
+    Returns {qualified name: adapter layer} in the model's module order."""
     chosen = bases.targets_in(model, targets)  # [(name, layer)], or a ValueError naming what is wrong
     model.requires_grad_(False)
     layers = {}
