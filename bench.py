@@ -88,12 +88,13 @@ def machine():
 
 # ----------------------------------------------------------------------------- speed
 
-ORTH_REG = 0.1  # lambda of the triangular runs' loss, train.py's --orth-reg default
+TRAIN_DEFAULTS = options.flag_defaults()  # train.py's: the steps measured here are its default steps
+ORTH_REG = TRAIN_DEFAULTS["orth_reg"]      # lambda of the adapter runs' loss
 
 
 def adamw(params, lr=1e-4):
-    """The optimizer train.py builds (weight decay at its default, 0), the same for every method."""
-    return train.make_optimizer(params, lr, weight_decay=0.0)
+    """The optimizer train.py builds (weight decay at its default), the same for every method."""
+    return train.make_optimizer(params, lr, weight_decay=TRAIN_DEFAULTS["weight_decay"])
 
 
 NEXT_TOKEN = type("Task", (), {"loss": staticmethod(lambda m, x, y: m(x, y)[1])})()  # LMTask's loss
@@ -380,7 +381,7 @@ def gpu_runs(args):
             code = e.code
         seconds[name] = time.time() - t0
         if code != 0:
-            raise train.TrainingError(f"the {name} run exited {code}")
+            raise processes.TrainingError(f"the {name} run exited {code}")
         if base is None:
             saved = sorted(f for f in os.listdir(os.path.join(folder, "base")) if not f.endswith(".partial.pt"))
             base = os.path.join(folder, "base", saved[0])  # the other runs fine-tune this base
@@ -649,7 +650,7 @@ def quality(args):
     # a bench split over several commands: the others' methods stay in the tables, if they ran alike
     # train.py's defaults too: rows made before a default changed are not comparable with new ones
     results["settings"] = {"iters": args.iters, "quick": args.quick, "train_args": args.train_args,
-                           "first_seed": args.first_seed, "train_defaults": vars(options.build_parser().parse_args([]))}
+                           "first_seed": args.first_seed, "train_defaults": TRAIN_DEFAULTS}
     results["methods"] = earlier_methods(os.path.join(args.out_dir, f"bench_quality_{args.task}.json"),
                                          results["settings"])
 
@@ -894,7 +895,7 @@ def main(argv=None):
     except (options.UsageError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except train.TrainingError as e:
+    except processes.TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -4,10 +4,12 @@ which base model a run starts from.
 
 A checkpoint holds tensors and plain data only (it loads with torch.load(weights_only=True)):
 
-    settings    settings.Settings.public(): every flag, resolved (resume compares them)
-    model       the plain model's state_dict: the frozen base, the adapters at their capacity, the masks
-    optimizer   AdamW's state, allocator: the growth events (replayed first on resume), step, history,
-    rng         every generator's state (torch, numpy, python, cuda, the batches'), seconds so far,
+    name, settings      the run's name; settings.Settings.public(), every flag resolved (resume compares)
+    model_config, model the plain model: the frozen base, the adapters at their capacity, the masks
+    optimizer           AdamW's state
+    allocator           the growth events, replayed first on resume (None without one)
+    step, history       the last step taken, and the losses and ranks of every step so far
+    rng, seconds        every generator's state (torch, numpy, python, cuda, the batches'); time so far
     schedule, before, max_held      the run's own records (report.py writes them to metrics.json)
 
 The base: a GPT-2 folder's weights, an --init-from checkpoint, or the one pretrained for these

@@ -26,6 +26,7 @@ import gpt2
 import tasks
 import triadapt
 from model import GPT, GPTConfig
+import settings
 from settings import Settings, run_dir
 
 SCHEDULES = ("linear", "exponential", "topk", "lora", "adalora", "increlora", "full")
@@ -174,6 +175,11 @@ def build_parser():
     return p
 
 
+def flag_defaults():
+    """{flag name: its default}, as the parser holds them."""
+    return {a.dest: a.default for a in build_parser()._actions if a.dest != "help"}
+
+
 def explicit_flags(argv):
     """The flags given on the command line, as argparse dests (the others hold their defaults)."""
     p = build_parser()
@@ -268,8 +274,6 @@ def validate(args, explicit=()):
         raise UsageError(f"{ablation[0]} changes the linear, exponential and topk schedules only "
                          f"(increlora has its own choices)")
     validate_processes(args)
-    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-        raise UsageError(f"--out-dir {args.out_dir} is a file, not a folder")
 
 
 def take_shape_from_gpt2(args, explicit):
@@ -314,6 +318,8 @@ def take_shape_from_base(args, explicit):
             raise UsageError(f"{flag(key)} {getattr(args, key)} contradicts the base checkpoint "
                              f"{args.init_from}, which has {key} {value} (drop the flag)")
         setattr(args, key, value)
+    if "pretrain_iters" not in explicit:  # unused with a base; the settings say the base's arch's
+        args.pretrain_iters = ARCH_DEFAULTS[args.arch]["pretrain_iters"]
 
 
 def key_mismatch(expected, found):
@@ -387,6 +393,8 @@ def resume_command(argv, prog="train.py"):
 def check_resume(s):
     """{schedule: status}: with --resume, which runs are finished, interrupted or not begun (their
     settings must match); without it, all new."""
+    if os.path.exists(s.run.out_dir) and not os.path.isdir(s.run.out_dir):
+        raise UsageError(f"--out-dir {s.run.out_dir} is a file, not a folder")
     status = {schedule: run_status(s, schedule) if s.run.resume else "new" for schedule in s.run.schedule}
     if not s.run.resume:
         return status
@@ -414,17 +422,31 @@ def run_status(s, schedule):
 
 
 def check_same_settings(saved, s, path, schedule):
-    """The resolved settings that shape a run's trajectory must be the checkpoint's."""
+    """The resolved settings that shape a run's trajectory must be the checkpoint's; the message names the
+    flag with the values as given."""
     keys = TRAJECTORY + (() if s.model.init_from else PRETRAIN_TRAJECTORY)
     keys += ADAPTER_TRAJECTORY if schedule != "full" else ()
     keys += GROWTH_TRAJECTORY if schedule in triadapt.SCHEDULES else ()
     keys += tuple(k for k in GROWTH_TRAJECTORY if k not in INCRELORA_FIXED) if schedule == "increlora" else ()
     keys += ADALORA_TRAJECTORY if schedule == "adalora" else ()
+    try:
+        before = Settings.from_public(saved)
+    except (KeyError, TypeError):
+        raise UsageError(f"checkpoint {path} is not a training checkpoint") from None
     now = s.public()
     for key in keys:
-        if saved.get(key) != now[key]:
-            raise UsageError(f"checkpoint {path} was made with {flag(key)} {show(saved.get(key))}, "
+        if resolved(before, key, schedule) != resolved(s, key, schedule):
+            raise UsageError(f"checkpoint {path} was made with {flag(key)} {show(saved[key])}, "
                              f"not {show(now[key])}")
+
+
+def resolved(s, key, schedule):
+    """A setting's value for `schedule`: the two whose default depends on the schedule, resolved."""
+    if key == "lr":
+        return settings.peak_lr(s, schedule)
+    if key == "block_warmup":
+        return settings.method(s, schedule)[2].get("block_warmup", 0)
+    return s.public()[key]
 
 
 def show(value):

@@ -278,7 +278,7 @@ KINDS = {"linear": "TriAdaptLoRA, linear schedule", "exponential": "TriAdaptLoRA
 
 
 def settings(m):
-    """The run's settings in one line, from metrics["config"] (train.py's flags after checking)."""
+    """The run's settings in one line, from metrics["config"] (settings.Settings.public(): resolved)."""
     c, schedule = m.get("config", {}), m.get("schedule")
     lr = m.get("peak_lr") or c.get("lr")  # peak_lr: the learning rate the run used, default or not
     parts = [f"{c.get('arch')} {c.get('task')}", f"{c.get('iters')} steps",

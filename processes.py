@@ -61,7 +61,6 @@ class Procs:
         return dict(zip(norms, values.tolist()))
 
 
-
 def start_processes(system):
     """Join the process group under torchrun (system: settings.SystemSettings); Procs() alone without it."""
     if system.world == 1:
@@ -88,7 +87,8 @@ def check_in_sync(model, procs, where):
 def my_micro_batches(x, y, task, procs, k):
     """This process's 1/N of the global batch in k micro-batches, each with its share of the targets."""
     n = len(x) // procs.world
-    x, y, total = x[procs.rank * n:(procs.rank + 1) * n], y[procs.rank * n:(procs.rank + 1) * n], task.count(y)
+    mine = slice(procs.rank * n, (procs.rank + 1) * n)
+    x, y, total = x[mine], y[mine], task.count(y)
     m = n // k
     return [(x[i * m:(i + 1) * m], y[i * m:(i + 1) * m], task.count(y[i * m:(i + 1) * m]) / total)
             for i in range(k)]

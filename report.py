@@ -21,9 +21,9 @@ import torch
 import adapters
 import plot
 import tasks
-from options import TARGETS
 import tensorfile
 import triadapt
+from options import TARGETS
 
 
 def atomic_save(obj, path, writer=None):

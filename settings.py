@@ -2,7 +2,7 @@
 The settings of a run: the command line, checked and resolved once (options.resolve), kept in frozen
 dataclasses, one per concern. Each part of the program receives the part it needs:
 
-    s.model    the transformer and its base                 model_config, pretraining (train.py)
+    s.model    the transformer and its base                 checkpoint.model_config, train.pretrain
     s.data     the corpora, their rows and batches          tasks.py
     s.adapter  the adapters and how they grow               method() below: inject, the allocators
     s.optim    the optimizer, its schedule, the seed        the loop (train.py)
@@ -115,7 +115,8 @@ class Settings:
     run: RunSettings
 
     def public(self):
-        """{flag name: value}: what a checkpoint and metrics.json keep (tuples as lists)."""
+        """{name: value} of every setting (the flags', and world, rank, local_rank, resume_command): what
+        a checkpoint and metrics.json keep, tuples as lists."""
         flat = {}
         for section in dataclasses.fields(self):
             flat.update(dataclasses.asdict(getattr(self, section.name)))
@@ -151,12 +152,12 @@ def method(s, schedule):
 
     increlora is TriAdaptLoRA's allocator with IncreLoRA's choices: a diagonal core, sensitivity
     importance, the top --top-k matrices every round, a warmup (INCRELORA_BLOCK_WARMUP steps) for every
-    new block and advance learning. TriAdaptLoRA itself (linear, exponential, topk) needs none of baselines.py's
-    switches unless an ablation flag asks for one."""
+    new block and advance learning. TriAdaptLoRA itself (linear, exponential, topk) needs none of
+    baselines.py's switches unless an ablation flag asks for one."""
     a = s.adapter
-    common = dict(total_steps=s.optim.iters, target_total_rank=a.budget, interval=a.interval)
     if schedule == "full":
         return None, {}, {}
+    common = dict(total_steps=s.optim.iters, target_total_rank=a.budget, interval=a.interval)
     if schedule == "lora":
         return adapters.KINDS["lora"], dict(rank=a.ref_rank, alpha=a.alpha), {}
     if schedule == "adalora":
@@ -170,7 +171,8 @@ def method(s, schedule):
         common["schedule"] = "topk"
     else:
         core, importance, advance = a.core, a.importance, a.rank_step if a.advance else 0
-        block_warmup, common["schedule"] = a.block_warmup or 0, schedule
+        block_warmup = a.block_warmup or 0
+        common["schedule"] = schedule
     if (core, importance, advance, block_warmup) == ("triangular", "frobenius", 0, 0):
         return adapters.KINDS["triadapt"], layer, common
     return (adapters.KINDS["increlora"], dict(layer, core=core, advance=advance),

@@ -74,6 +74,7 @@ def read_corpora(d, arch):
     base is (text, source, cache name) and fine-tuning the same, or the classification splits.
     d: settings.DataSettings (task, block_size, and the --data and --base-data files, or None)."""
     holdout = data.glue_holdout_files() if arch == "encoder" else ()  # one base for every task
+    given = read_checked(d.data, d.block_size) if d.data is not None else None  # read even if unused
     if d.base_data is not None:
         base = (read_checked(d.base_data, d.block_size), d.base_data, "base-file")
     else:
@@ -87,8 +88,8 @@ def read_corpora(d, arch):
             raise data.DataError(f"--block-size {d.block_size} leaves no {d.task} example "
                                  f"in the {empty[0]} split")
         return base, splits
-    if d.data is not None:
-        return base, (read_checked(d.data, d.block_size), d.data, "finetune-file")
+    if given is not None:
+        return base, (given, d.data, "finetune-file")
     text, src = data.finetune_corpus()
     data.check_length(text, d.block_size, f"the fine-tuning corpus ({src})")
     return base, (text, src, "finetune")

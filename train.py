@@ -74,7 +74,6 @@ def make_optimizer(params, lr, weight_decay):
         return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
 
 
-
 # ----------------------------------------------------------------------------- the training loop
 
 @dataclass
@@ -114,7 +113,6 @@ class Objective(torch.nn.Module):
     def forward(self, x, y):
         loss = self.task.loss(self.model, x, y)
         return loss, (triadapt.orthogonal_penalty(self.adapters) if self.adapters else None)
-
 
 
 def wrap(run, system, procs):
@@ -183,7 +181,7 @@ def flush(run, pending, procs):
     values = values.tolist()
     entries = run.history[len(run.history) - len(values):]
     for entry, (loss, norm) in zip(entries, values):
-        entry["train_loss"], entry["grad_norm"] = loss, norm / procs.world  # the norm is the same on every process
+        entry["train_loss"], entry["grad_norm"] = loss, norm / procs.world  # the norm is alike on every process
     pending.clear()
     bad = next((i for i, v in enumerate(values) if not all(map(math.isfinite, v))), None)
     if bad is not None:
@@ -240,7 +238,8 @@ def train_loop(run, s, procs):
     progress = Progress(run, s, procs)
     with Interrupts(procs) as stop:
         for t in range(run.step + 1, run.iters + 1):
-            lr = get_lr(t, run.peak_lr, run.lr_warmup, run.iters)  # a pure function of the step, on every group
+            # lr: a pure function of the step, set on every param group
+            lr = get_lr(t, run.peak_lr, run.lr_warmup, run.iters)
             for g in opt.param_groups:
                 g["lr"] = lr
             step_loss, grad_norm = train_step(step_fn, opt, my_batch(run, s, procs), run.orth_reg, autocast,
@@ -340,8 +339,9 @@ def pretrain(s, procs, base_splits, digest):
         print(f"pretraining a {n_params / 1e6:.2f}M-parameter {m.arch} on "
               f"{m.pretrain_iters} x {s.data.batch_size} x {s.data.block_size} bytes")
     train_loop(run, s, procs)
+    val_loss = run.history[-1].get("val_loss") if run.history else task.evaluate(model, "val")["loss"]
     ckpt = {"model": model.state_dict(), "config": asdict(config), "settings": s.public(), "key": key,
-            "val_loss": run.history[-1].get("val_loss") if run.history else task.evaluate(model, "val")["loss"]}
+            "val_loss": val_loss}
     if procs.master:
         atomic_save(ckpt, path)
         os.remove(run.ckpt_path) if os.path.exists(run.ckpt_path) else None
@@ -447,11 +447,11 @@ def linear_probe(s, procs, model, task, gen):
 
 
 def setup(argv):
-    """Resolve the settings, see which runs to resume, read the data and create --out-dir: the part that
+    """Resolve the settings, read the data, see which runs to resume and create --out-dir: the part that
     may fail on bad input. Returns (settings, {schedule: status}, corpora)."""
     s = options.resolve(argv)
-    status = options.check_resume(s)
     corpora = tasks.read_corpora(s.data, s.model.arch)
+    status = options.check_resume(s)
     options.make_out_dir(s)
     return s, status, corpora
 
@@ -488,7 +488,7 @@ def main(argv=None):
             dist.destroy_process_group()
     if len(results) > 1 and procs.master:
         print("\n" + comparison_table(results))
-        path = settings.run_dir(s, "comparison") + ".svg"  # named like the runs' folders: out/cola-comparison.svg
+        path = settings.run_dir(s, "comparison") + ".svg"  # like the runs' folders: out/cola-comparison.svg
         save_text(plot.comparison({m.get("run", m["schedule"]): [m] for m in results}), path)
         print(f"picture: {path}")
     return 0

@@ -86,3 +86,15 @@ def test_resume_compares_resolved_settings(tmp_path):
         options.check_same_settings(saved, resolve(tmp_path, "--targets", "q_proj,v_proj"), "ckpt.pt", "lora")
     # the budget is not part of full fine-tuning's trajectory
     options.check_same_settings(saved, resolve(tmp_path, "--budget", "96"), "ckpt.pt", "full")
+
+
+def test_resume_resolves_the_defaults_that_depend_on_the_schedule(tmp_path):
+    saved = resolve(tmp_path).public()  # --lr and --block-warmup left to the schedule
+    options.check_same_settings(saved, resolve(tmp_path, "--lr", "2e-3"), "ckpt.pt", "linear")  # its default
+    with pytest.raises(options.UsageError, match="was made with --lr None, not 0.002"):
+        options.check_same_settings(saved, resolve(tmp_path, "--lr", "2e-3"), "ckpt.pt", "full")  # 3e-4
+    options.check_same_settings(saved, resolve(tmp_path, "--block-warmup", "10"), "ckpt.pt", "increlora")
+    with pytest.raises(options.UsageError, match="was made with --block-warmup None, not 9"):
+        options.check_same_settings(saved, resolve(tmp_path, "--block-warmup", "9"), "ckpt.pt", "increlora")
+    with pytest.raises(options.UsageError, match="is not a training checkpoint"):
+        options.check_same_settings({"lr": None}, resolve(tmp_path), "ckpt.pt", "linear")
