@@ -50,7 +50,7 @@ def set_rng_state(state, batch_gen):
 
 
 def checkpoint_state(run, s, t0):
-    """Everything --resume needs to continue `run` (train.Run) bit for bit; t0: when this session began."""
+    """Everything --resume needs to continue `run` (train.Run) bit for bit; t0: when train_loop began."""
     return {"name": run.name, "settings": s.public(), "model_config": asdict(run.model.config),
             "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "allocator": run.allocator.state_dict() if run.allocator else None,
