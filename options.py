@@ -435,18 +435,19 @@ def check_same_settings(saved, s, path, schedule):
         raise UsageError(f"checkpoint {path} is not a training checkpoint") from None
     now = s.public()
     for key in keys:
-        if resolved(before, key, schedule) != resolved(s, key, schedule):
+        if resolved(before, saved, key, schedule) != resolved(s, now, key, schedule):
             raise UsageError(f"checkpoint {path} was made with {flag(key)} {show(saved[key])}, "
                              f"not {show(now[key])}")
 
 
-def resolved(s, key, schedule):
-    """A setting's value for `schedule`: the two whose default depends on the schedule, resolved."""
+def resolved(s, flat, key, schedule):
+    """A setting's value for `schedule` (flat: s.public()): the two whose default depends on the schedule,
+    resolved."""
     if key == "lr":
         return settings.peak_lr(s, schedule)
     if key == "block_warmup":
         return settings.method(s, schedule)[2].get("block_warmup", 0)
-    return s.public()[key]
+    return flat[key]
 
 
 def show(value):
