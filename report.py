@@ -32,8 +32,8 @@ def atomic_save(obj, path, writer=None):
     tensorfile.atomic_write(path, lambda fh: (writer or adapters.save_file)(obj, fh))
 
 
-def save_json(obj, path):
-    atomic_save(obj, path, lambda o, fh: fh.write(json.dumps(o, indent=1).encode()))
+def save_json(obj, path, indent=1):
+    atomic_save(obj, path, lambda o, fh: fh.write(json.dumps(o, indent=indent).encode()))
 
 
 def save_text(text, path):
@@ -121,8 +121,7 @@ def write_peft_lora(folder, config, tensors):
     each written atomically; the config last, so a folder with a config is complete."""
     atomic_save(tensors, os.path.join(folder, "adapter_model.safetensors"),
                 lambda obj, fh: tensorfile.write(fh, obj, {"format": "pt"}))
-    atomic_save(config, os.path.join(folder, "adapter_config.json"),
-                lambda obj, fh: fh.write(json.dumps(obj, indent=2).encode()))
+    save_json(config, os.path.join(folder, "adapter_config.json"), indent=2)
 
 
 def human_size(n):
